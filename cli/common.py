@@ -1,0 +1,107 @@
+"""What every command shares: error handling, progress bars, output folders, the cluster."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gns_sweep.errors import GnsError, UsageError
+from gns_sweep.progress import ProgressEvent
+from gns_sweep.runtime import Cluster, ClusterConfig
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+RESULTS_ROOT = Path("results")
+
+AddressOpt = typer.Option(
+    None, "--address", help="Connect to a running Ray cluster (host:port or 'auto'); default: start a local one."
+)
+NumCpusOpt = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance (default: all).", min=1)
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace results of a different run in --out.")
+JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary instead of tables.")
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn GnsError into a one-line message and its exit code; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GnsError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def default_out(kind: str, task_name: str) -> Path:
+    """A new folder under results/ for this run."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_name)
+    path = RESULTS_ROOT / f"{safe}-{kind}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = RESULTS_ROOT / f"{safe}-{kind}-{stamp}-{n}"
+    return path
+
+
+def check_out_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} exists and is not a folder; give a folder path")
+    return path
+
+
+def cluster(address: str | None, num_cpus: int | None) -> Cluster:
+    if address is not None and num_cpus is not None:
+        raise UsageError("--num-cpus sizes a local Ray instance; it cannot be used with --address")
+    return Cluster(ClusterConfig(address=address, num_cpus=num_cpus))
+
+
+class Bars:
+    """A rich progress bar per stage, drawn on stderr (stdout stays clean for --json)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[extra]}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+            disable=not self.enabled,
+        )
+        self.tasks: dict[str, int] = {}
+        self.last_stage: str | None = None
+
+    def __enter__(self) -> Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, e: ProgressEvent) -> None:
+        if not self.enabled and e.done == e.total and e.stage != self.last_stage:
+            # Not a terminal: one line per finished stage.
+            self.last_stage = e.stage
+            extra = f" ({e.failed} failed)" if e.failed else ""
+            err.print(f"{e.stage}: {e.done}/{e.total} done{extra}")
+            return
+        if e.stage not in self.tasks:
+            self.tasks[e.stage] = self.progress.add_task(e.stage, total=e.total, extra="")
+        extra = f"failed {e.failed} running {e.running}" if (e.failed or e.running) else ""
+        self.progress.update(self.tasks[e.stage], completed=e.done, total=e.total, extra=extra)

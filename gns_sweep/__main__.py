@@ -1,0 +1,3 @@
+from gns_sweep_cli.main import main
+
+main()

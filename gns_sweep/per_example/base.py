@@ -1,0 +1,63 @@
+"""The per-example engine interface: moments of one micro-batch of examples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from gns_sweep.errors import UsageError
+from gns_sweep.per_example.layout import ParamLayout
+from gns_sweep.stats import Moments
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> (N,)
+
+
+@dataclass(frozen=True)
+class BatchMoments:
+    """What an engine returns for one micro-batch."""
+
+    moments: Moments  # gradient moments over the micro-batch's examples
+    loss_sum: float  # sum of the per-example losses (for the reported train loss)
+
+
+class Engine(Protocol):
+    """Computes per-example gradient statistics of a frozen model."""
+
+    name: str
+
+    def batch_moments(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss: LossFn,
+        layout: ParamLayout,
+        *,
+        param_moments: bool,
+    ) -> BatchMoments: ...
+
+
+_COUPLING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def refuse_coupled_layers(model: nn.Module) -> None:
+    """Per-example gradients are undefined where a layer mixes examples."""
+    for name, module in model.named_modules():
+        if isinstance(module, _COUPLING) and module.training:
+            raise UsageError(
+                f"layer '{name}' ({type(module).__name__}) couples the examples of a batch in train mode, "
+                "so per-example gradients are undefined; put it in eval mode in build_model or replace it "
+                "with GroupNorm/LayerNorm"
+            )
+
+
+def check_losses(losses: torch.Tensor, n: int) -> None:
+    if losses.shape != (n,):
+        raise UsageError(
+            f"the task's loss returned shape {tuple(losses.shape)} for {n} examples; it must return one loss "
+            f"per example, shape ({n},) (use reduction='none' and average over other dimensions)"
+        )

@@ -1,0 +1,218 @@
+"""Mergeable gradient statistics and the noise-scale estimators (pure math).
+
+Conventions (DESIGN.md): g_i is the gradient of example i's own loss. Per
+scope, with N examples,
+    tr(Sigma) = 1/(N-1) sum ||g_i - gbar||^2            (unbiased)
+    |G|^2     = ||gbar||^2 - tr(Sigma)/N                 (unbiased)
+    B_simple  = tr(Sigma) / |G|^2, only when |G|^2 > 0.
+
+Statistics are kept in the (n, mean, M2) form and combined with Chan et al.'s
+pairwise update, so merging shards never subtracts two large sums. Parameters
+are flattened into one vector of P entries, cut into G contiguous groups (one
+per parameter tensor); a scope (a layer, or the whole model) is a set of groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Sufficient statistics of a set of flattened per-example gradients."""
+
+    n: int  # number of examples
+    mean: np.ndarray  # (P,) float64, mean gradient over the examples
+    m2_group: np.ndarray  # (G,) float64, sum_i ||g_i[group] - mean[group]||^2
+    m2_param: np.ndarray | None  # (P,) float64, sum_i (g_ik - mean_k)^2; None if not collected
+    offsets: np.ndarray  # (G+1,) int64, group g is mean[offsets[g]:offsets[g+1]]
+
+
+def empty(offsets: np.ndarray, *, param_moments: bool) -> Moments:
+    p = int(offsets[-1])
+    return Moments(
+        n=0,
+        mean=np.zeros(p),
+        m2_group=np.zeros(len(offsets) - 1),
+        m2_param=np.zeros(p) if param_moments else None,
+        offsets=np.asarray(offsets, dtype=np.int64),
+    )
+
+
+def group_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sum a (P,) vector within each group -> (G,)."""
+    csum = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    return csum[offsets[1:]] - csum[offsets[:-1]]
+
+
+def from_sums(
+    n: int,
+    grad_sum: np.ndarray,
+    sq_norm_sum: np.ndarray,
+    offsets: np.ndarray,
+    param_sq_sum: np.ndarray | None = None,
+) -> Moments:
+    """Moments of one micro-batch from raw sums (what per-layer rules produce).
+
+    grad_sum (P,) = sum_i g_i; sq_norm_sum (G,) = sum_i ||g_i[group]||^2;
+    param_sq_sum (P,) = sum_i g_ik^2. The subtraction here spans one
+    micro-batch only; larger sets are combined with `merge`.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    mean = np.asarray(grad_sum, dtype=np.float64) / n
+    m2_group = np.asarray(sq_norm_sum, dtype=np.float64) - n * group_sums(mean * mean, offsets)
+    m2_param = None
+    if param_sq_sum is not None:
+        m2_param = np.maximum(np.asarray(param_sq_sum, dtype=np.float64) - n * mean * mean, 0.0)
+    return Moments(n, mean, np.maximum(m2_group, 0.0), m2_param, offsets)
+
+
+def from_samples(grads: np.ndarray, offsets: np.ndarray, *, param_moments: bool) -> Moments:
+    """Moments of explicit per-example gradients grads (N, P), two-pass."""
+    grads = np.asarray(grads, dtype=np.float64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    mean = grads.mean(axis=0)
+    dev2 = ((grads - mean) ** 2).sum(axis=0)  # (P,)
+    return Moments(grads.shape[0], mean, group_sums(dev2, offsets), dev2 if param_moments else None, offsets)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise merge of the moments of two disjoint example sets."""
+    if a.n == 0:
+        return b
+    if b.n == 0:
+        return a
+    n = a.n + b.n
+    delta = b.mean - a.mean
+    w = a.n * b.n / n
+    m2_param = None
+    if a.m2_param is not None and b.m2_param is not None:
+        m2_param = a.m2_param + b.m2_param + w * delta * delta
+    return Moments(
+        n=n,
+        mean=a.mean + delta * (b.n / n),
+        m2_group=a.m2_group + b.m2_group + w * group_sums(delta * delta, a.offsets),
+        m2_param=m2_param,
+        offsets=a.offsets,
+    )
+
+
+def merge_all(parts: Sequence[Moments]) -> Moments:
+    """Merge in a balanced tree, so rounding does not depend on a long chain."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("nothing to merge")
+    while len(parts) > 1:
+        parts = [merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def subtract(total: Moments, part: Moments) -> Moments:
+    """The moments of `total` without the examples of `part` (inverse of merge)."""
+    n = total.n - part.n
+    if n < 0:
+        raise ValueError(f"cannot remove {part.n} examples from {total.n}")
+    if n == 0:
+        return empty(total.offsets, param_moments=total.m2_param is not None)
+    mean = (total.n * total.mean - part.n * part.mean) / n
+    delta = part.mean - mean
+    w = n * part.n / total.n
+    m2_group = total.m2_group - part.m2_group - w * group_sums(delta * delta, total.offsets)
+    m2_param = None
+    if total.m2_param is not None and part.m2_param is not None:
+        m2_param = np.maximum(total.m2_param - part.m2_param - w * delta * delta, 0.0)
+    return Moments(n, mean, np.maximum(m2_group, 0.0), m2_param, total.offsets)
+
+
+@dataclass(frozen=True)
+class ScopeEstimate:
+    """The noise scale of one scope from one set of moments."""
+
+    n: int  # examples
+    grad_sq_norm: float  # unbiased |G|^2 (may be <= 0: then unresolved)
+    grad_sq_norm_biased: float  # ||gbar||^2, biased upward by tr(Sigma)/n
+    trace_sigma: float  # unbiased tr(Sigma)
+    b_simple: float  # tr(Sigma)/|G|^2, NaN when unresolved
+    b_simple_lower: float  # tr(Sigma)/||gbar||^2: a lower bound, finite even when unresolved
+    resolved: bool  # |G|^2 > 0 at this n
+
+
+def estimate(n: int, sq_mean: float, m2: float) -> ScopeEstimate:
+    """B_simple from n, ||gbar||^2 and M2 = sum ||g_i - gbar||^2 of one scope."""
+    if n < 2:
+        raise ValueError(f"need at least 2 examples to estimate a variance, got {n}")
+    trace = m2 / (n - 1)
+    g2 = sq_mean - trace / n
+    resolved = g2 > 0 and math.isfinite(g2)
+    # E||gbar||^2 = |G|^2 + tr/n >= |G|^2, so tr/||gbar||^2 bounds B_simple from below.
+    lower = trace / sq_mean if sq_mean > 0 else 0.0
+    return ScopeEstimate(
+        n=n,
+        grad_sq_norm=g2,
+        grad_sq_norm_biased=sq_mean,
+        trace_sigma=trace,
+        b_simple=trace / g2 if resolved else math.nan,
+        b_simple_lower=lower,
+        resolved=resolved,
+    )
+
+
+def scope_sums(m: Moments, groups: Sequence[int]) -> tuple[float, float]:
+    """(||gbar||^2, M2) of the scope made of `groups`."""
+    idx = np.asarray(groups, dtype=np.int64)
+    sq = group_sums(m.mean * m.mean, m.offsets)
+    return float(sq[idx].sum()), float(m.m2_group[idx].sum())
+
+
+def estimate_scope(m: Moments, groups: Sequence[int]) -> ScopeEstimate:
+    sq_mean, m2 = scope_sums(m, groups)
+    return estimate(m.n, sq_mean, m2)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A 95% interval for B_simple."""
+
+    lo: float  # NaN when it cannot be computed (fewer than 2 blocks, unresolved)
+    hi: float  # +inf when a leave-one-out estimate is unresolved
+
+
+def jackknife_interval(total: Moments, blocks: Sequence[Moments], groups: Sequence[int]) -> Interval:
+    """Delete-one-block jackknife on log B_simple (B is a positive ratio, so the
+    interval is formed on the log scale and is never negative)."""
+    full = estimate_scope(total, groups)
+    k = len(blocks)
+    if k < 2 or not full.resolved:
+        return Interval(math.nan, math.nan)
+    logs = []
+    for block in blocks:
+        rest = estimate_scope(subtract(total, block), groups)
+        if not rest.resolved:
+            return Interval(math.nan, math.inf)
+        logs.append(math.log(rest.b_simple))
+    logs_arr = np.asarray(logs)
+    se = math.sqrt((k - 1) / k * float(((logs_arr - logs_arr.mean()) ** 2).sum()))
+    centre = math.log(full.b_simple)
+    return Interval(math.exp(centre - Z95 * se), math.exp(centre + Z95 * se))
+
+
+def snr(m: Moments, eps: float = 1e-12) -> np.ndarray:
+    """Per-parameter signal-to-noise |gbar_k| / (std_k + eps), (P,)."""
+    if m.m2_param is None:
+        raise ValueError("per-parameter second moments were not collected")
+    std = np.sqrt(m.m2_param / max(m.n - 1, 1))
+    return np.abs(m.mean) / (std + eps)
+
+
+def windowed_b_simple(grad_sq_norms: Sequence[float], traces: Sequence[float]) -> float:
+    """B_simple over several checkpoints: average numerator and denominator
+    separately, then divide (McCandlish et al.). NaN if the mean |G|^2 <= 0."""
+    g2 = float(np.mean(grad_sq_norms))
+    tr = float(np.mean(traces))
+    return tr / g2 if g2 > 0 else math.nan

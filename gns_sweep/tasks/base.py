@@ -1,0 +1,53 @@
+"""The Task type: the plugin contract between a user's problem and gns-sweep."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gns_sweep.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Task:
+    """A training problem: a model factory, data, a per-example loss, and defaults."""
+
+    name: str  # short identifier, recorded in every result file
+    build_model: Callable[[], nn.Module]  # zero-argument factory; the caller seeds torch first
+    train_inputs: torch.Tensor  # (N_train, ...) training examples
+    train_targets: torch.Tensor  # (N_train, ...) their targets
+    eval_inputs: torch.Tensor  # (N_eval, ...) held-out examples for the eval loss
+    eval_targets: torch.Tensor  # (N_eval, ...)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> per-example losses (N,)
+    lr: float = 0.1  # default SGD learning rate at batch size `batch_size`
+    batch_size: int = 8  # small batch of predict's reference run
+    target_loss: float | None = None  # default eval-loss target; None: chosen by a pilot run
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # default sweep grid
+    budget_examples: int = 200_000  # default per-run compute budget, in examples
+    description: str = ""  # one line for `gns-sweep tasks`
+
+    def __post_init__(self) -> None:
+        for split in ("train", "eval"):
+            x, y = getattr(self, f"{split}_inputs"), getattr(self, f"{split}_targets")
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise UsageError(f"task '{self.name}': {split}_inputs and {split}_targets must be torch tensors")
+            if x.shape[0] != y.shape[0]:
+                raise UsageError(
+                    f"task '{self.name}': {split}_inputs has {x.shape[0]} examples but {split}_targets has "
+                    f"{y.shape[0]}; the first dimension must count examples in both"
+                )
+            if x.shape[0] < 1:
+                raise UsageError(f"task '{self.name}': {split} split is empty")
+        if not callable(self.build_model) or not callable(self.loss):
+            raise UsageError(f"task '{self.name}': build_model and loss must be callables")
+        if not self.lr > 0:
+            raise UsageError(f"task '{self.name}': lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise UsageError(f"task '{self.name}': batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_inputs.shape[0])

@@ -1,0 +1,45 @@
+"""Resolve --task: a built-in name, or `package.module:attr` (a zero-argument callable returning a Task)."""
+
+from __future__ import annotations
+
+import importlib
+
+from gns_sweep.errors import UsageError
+from gns_sweep.tasks.base import Task
+from gns_sweep.tasks.builtin import BUILTINS
+
+
+def load_task(spec: str) -> Task:
+    if spec in BUILTINS:
+        return BUILTINS[spec]()
+    if ":" not in spec:
+        raise UsageError(
+            f"unknown task '{spec}'; built-ins are {', '.join(BUILTINS)} (see `gns-sweep tasks`), "
+            "or give your own as package.module:attr"
+        )
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UsageError(f"task '{spec}' is not of the form package.module:attr")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure is the user's module's
+        raise UsageError(
+            f"cannot import module '{module_name}' for task '{spec}': {type(exc).__name__}: {exc}; "
+            "check the name and that its folder is on PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise UsageError(f"module '{module_name}' has no attribute '{attr}' (task '{spec}')")
+    if not callable(factory):
+        raise UsageError(f"'{spec}' is a {type(factory).__name__}, not a zero-argument callable returning a Task")
+    try:
+        task = factory()
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"calling '{spec}()' failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(task, Task):
+        raise UsageError(
+            f"'{spec}()' returned a {type(task).__name__}, not a gns_sweep.Task; return gns_sweep.Task(...)"
+        )
+    return task
