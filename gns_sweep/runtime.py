@@ -164,11 +164,15 @@ def connect(cluster: Cluster) -> None:
     cfg = cluster.config
     if ray.is_initialized():
         ray.shutdown()
-    if cfg.address is None:
+    if cfg.address is None or _is_loopback(cfg.address):
+        # Otherwise Ray swaps 127.0.0.1 for the machine's routable address:
+        # a local instance would listen on every interface, and a driver could
+        # not reach a loopback-only cluster.
         os.environ[_LOOPBACK_ENV] = "0"
         from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False  # if Ray was imported before the variable was set
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    if cfg.address is None:
         ray.init(
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
@@ -176,11 +180,11 @@ def connect(cluster: Cluster) -> None:
             dashboard_host="127.0.0.1",
             logging_level=logging.ERROR,
             log_to_driver=False,
-            configure_logging=True,
         )
         cluster.started_local = True
         return
     _check_reachable(cfg.address)
+    _use_saved_token()
     try:
         ray.init(address=cfg.address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -188,6 +192,23 @@ def connect(cluster: Cluster) -> None:
             f"cannot connect to the Ray cluster at --address {cfg.address!r}: {exc}; "
             "check the address printed by `ray start --head`, or drop --address to run locally"
         ) from None
+
+
+def _use_saved_token() -> None:
+    """Send the token `ray start` saved (~/.ray/auth_token), as `ray start` itself does;
+    without it a driver is refused by a token-protected cluster after a long retry."""
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+
+        logging.getLogger(auth.__name__).setLevel(logging.ERROR)
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except (ImportError, AttributeError):  # older Ray: no token auth
+        pass
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
