@@ -33,7 +33,9 @@ def predict(
     task: str = typer.Option(
         DEFAULT_TASK, "--task", help="Built-in task (see `gns-sweep tasks`) or package.module:attr."
     ),
-    probe_size: int = typer.Option(4096, "--probe-size", help="Probe examples drawn from the training set."),
+    probe_size: int | None = typer.Option(
+        None, "--probe-size", help="Probe examples drawn from the training set [default: 4096, or all if fewer]."
+    ),
     shards: int = typer.Option(4, "--shards", help="Ray tasks per checkpoint (the result does not depend on it)."),
     blocks: int = typer.Option(16, "--blocks", help="Jackknife blocks for the 95% interval."),
     layer: str | None = typer.Option(None, "--layer", help="Report only this layer (and the total)."),
@@ -65,7 +67,7 @@ def predict(
         cpus_per_shard=cpus_per_shard,
         gpus_per_shard=gpus_per_shard,
     )
-    loaded = validate(config)
+    loaded, config = validate(config)
     folder = check_out_dir(out_dir or default_out("predict", loaded.name))
     check_output(folder / PREDICT_FILE, settings(config), overwrite=overwrite)
     with cluster(address, num_cpus) as c, Bars(enabled=not as_json) as bars:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from torch import nn
 from gns_sweep import __version__
 from gns_sweep import stats as st
 from gns_sweep.errors import UsageError
-from gns_sweep.per_example import DEFAULT_ENGINE, ENGINES, TOTAL, get_engine, param_layout, shard_moments
+from gns_sweep.per_example import DEFAULT_ENGINE, ENGINES, TOTAL, get_engine, param_layout
+from gns_sweep.per_example.base import refuse_coupled_layers
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 from gns_sweep.runtime import Cluster, Resources, WorkerInfo
 from gns_sweep.storage import PREDICT_FILE, PREDICT_SCHEMA, write_table
@@ -36,7 +38,7 @@ class PredictConfig:
     """Settings of one predict run (all recorded in predict.parquet)."""
 
     task: str  # built-in name or package.module:attr
-    probe_size: int = 4096  # probe examples, drawn from the training set
+    probe_size: int | None = None  # probe examples from the training set (None: min(4096, all))
     shards: int = 4  # Ray tasks per checkpoint
     blocks: int = 16  # jackknife blocks of the probe set (capped at probe_size)
     layer: str | None = None  # report only this layer (and the total)
@@ -124,9 +126,16 @@ def settings(config: PredictConfig) -> dict:
     return {"command": "predict", "version": __version__, **asdict(config)}
 
 
-def validate(config: PredictConfig) -> Task:
-    """Check everything that can be checked before any work or any file."""
+DEFAULT_PROBE = 4096
+
+
+def validate(config: PredictConfig) -> tuple[Task, PredictConfig]:
+    """Check everything that can be checked before any work or any file.
+
+    Returns the task and the config with defaults that depend on it filled in."""
     task = load_task(config.task)
+    if config.probe_size is None:
+        config = replace(config, probe_size=min(DEFAULT_PROBE, task.n_train))
     if config.probe_size < 2:
         raise UsageError(f"--probe-size {config.probe_size}: need at least 2 examples to estimate a variance")
     if config.probe_size > task.n_train:
@@ -158,7 +167,7 @@ def validate(config: PredictConfig) -> Task:
         layers = param_layout(task.build_model()).layers()
         if config.layer not in layers:
             raise UsageError(f"unknown --layer '{config.layer}'; layers with trainable parameters: {', '.join(layers)}")
-    return task
+    return task, config
 
 
 def checkpoint_steps(warmup: int, end: int, count: int) -> tuple[int, ...]:
@@ -210,34 +219,66 @@ def edges(n: int, parts: int) -> list[int]:
     return [int(round(x)) for x in np.linspace(0, n, parts + 1)]
 
 
+Unit = tuple[int, int, int]  # (block index, first example, end example): one micro-batch
+
+
+def micro_batches(n: int, block_edges: Sequence[int], max_batch: int, shards: int) -> list[Unit]:
+    """A fixed grid of micro-batches: blocks cut at multiples of max_batch.
+
+    The grid does not depend on the shard count, so every micro-batch is computed
+    identically however the work is split, and results agree to rounding in the
+    float64 merge. Only when there are more shards than micro-batches are the
+    micro-batches halved until every shard gets one.
+    """
+    cuts = sorted(set(block_edges) | set(range(0, n, max_batch)) | {n})
+    units = [(int(np.searchsorted(block_edges, lo, side="right") - 1), lo, hi) for lo, hi in pairwise(cuts)]
+    while len(units) < shards:
+        units = [piece for b, lo, hi in units for piece in _halve(b, lo, hi)]
+    return units
+
+
+def _halve(b: int, lo: int, hi: int) -> list[Unit]:
+    if hi - lo < 2:
+        return [(b, lo, hi)]
+    mid = (lo + hi) // 2
+    return [(b, lo, mid), (b, mid, hi)]
+
+
+def assign(units: Sequence[Unit], shards: int) -> list[list[Unit]]:
+    """Contiguous runs of micro-batches, about equal in examples, none empty."""
+    starts = [lo for _, lo, _ in units]
+    n = units[-1][2]
+    bounds = [0]
+    for k in range(1, shards):
+        i = int(np.searchsorted(starts, k * n / shards))
+        bounds.append(min(max(i, bounds[-1] + 1), len(units) - (shards - k)))
+    bounds.append(len(units))
+    return [list(units[a:b]) for a, b in pairwise(bounds)]
+
+
 def probe_shard(
     *,
     model: nn.Module,
     probe: tuple,
-    start: int,
-    end: int,
-    block_edges: Sequence[int],
+    units: Sequence[Unit],
     engine: str,
-    max_batch: int,
     param_moments: bool,
     worker: WorkerInfo,
 ) -> list[tuple[int, st.Moments, float]]:
-    """Runs on a worker: moments of examples [start, end) cut at block edges.
+    """Runs on a worker: the moments of each of its micro-batches.
 
-    Returns (block index, moments, loss sum) for every block this shard touches.
+    Returns (block index, moments, loss sum) per micro-batch.
     """
     inputs, targets, loss = probe
     model = model.to(worker.device).train()
+    refuse_coupled_layers(model)
     layout = param_layout(model)
     eng = get_engine(engine)
     out = []
-    for b in range(len(block_edges) - 1):
-        lo, hi = max(start, block_edges[b]), min(end, block_edges[b + 1])
-        if lo >= hi:
-            continue
+    for b, lo, hi in units:
         x = inputs[lo:hi].to(worker.device)
         y = targets[lo:hi].to(worker.device)
-        part = shard_moments(eng, model, x, y, loss, layout, max_batch=max_batch, param_moments=param_moments)
+        part = eng.batch_moments(model, x, y, loss, layout, param_moments=param_moments)
         out.append((b, part.moments, part.loss_sum))
     return out
 
@@ -248,7 +289,7 @@ def measure(
     """Merge shard pieces into blocks, and blocks into the total."""
     by_block: list[list[st.Moments]] = [[] for _ in range(n_blocks)]
     loss_sum = 0.0
-    for b, m, ls in sorted(pieces, key=lambda p: (p[0], -p[1].n)):
+    for b, m, ls in pieces:  # in example order: the merge tree is the same for any sharding
         by_block[b].append(m)
         loss_sum += ls
     blocks = [st.merge_all(parts) for parts in by_block]
@@ -310,13 +351,13 @@ def run_predict(
     """The whole pipeline. Writes DIR/predict.parquet after every checkpoint when out_dir is given."""
     from gns_sweep.train import eval_loss
 
-    task = validate(config)
+    task, config = validate(config)
     ref, snapshots = reference_run(task, config, progress)
     idx = probe_indices(task, config)
     probe_ref = cluster.put((task.train_inputs[idx].contiguous(), task.train_targets[idx].contiguous(), task.loss))
     n_blocks = min(config.blocks, config.probe_size)
-    block_edges = edges(config.probe_size, n_blocks)
-    shard_edges = edges(config.probe_size, config.shards)
+    units = micro_batches(config.probe_size, edges(config.probe_size, n_blocks), config.max_batch, config.shards)
+    work = assign(units, config.shards)
     resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
     model = init_model(task, config.seed)
     layout = param_layout(model)
@@ -328,16 +369,7 @@ def run_predict(
         model.load_state_dict(snapshots[step])
         model_ref = cluster.put(model)
         calls = [
-            dict(
-                model=model_ref,
-                probe=probe_ref,
-                start=shard_edges[k],
-                end=shard_edges[k + 1],
-                block_edges=block_edges,
-                engine=config.engine,
-                max_batch=config.max_batch,
-                param_moments=True,
-            )
+            dict(model=model_ref, probe=probe_ref, units=work[k], engine=config.engine, param_moments=True)
             for k in range(config.shards)
         ]
         stage = f"checkpoint {c + 1}/{len(ref.checkpoint_steps)} (step {step}): shards"
@@ -406,6 +438,7 @@ def snr_histogram(snr: np.ndarray, bins: int = 10) -> tuple[tuple[float, ...], t
     if hi <= lo:
         hi = lo * 1.0001 + 1e-12
     bin_edges = np.logspace(math.log10(lo), math.log10(hi), bins + 1)
+    bin_edges[0], bin_edges[-1] = lo, hi  # exact ends, so rounding never drops the extremes
     counts, _ = np.histogram(values, bins=bin_edges)
     counts[0] += int((snr == 0).sum())
     return tuple(float(e) for e in bin_edges), tuple(int(c) for c in counts)

@@ -139,7 +139,7 @@ class ScopeEstimate:
     grad_sq_norm_biased: float  # ||gbar||^2, biased upward by tr(Sigma)/n
     trace_sigma: float  # unbiased tr(Sigma)
     b_simple: float  # tr(Sigma)/|G|^2, NaN when unresolved
-    b_simple_lower: float  # tr(Sigma)/||gbar||^2: a lower bound, finite even when unresolved
+    b_simple_lower: float  # min(n, tr(Sigma)/||gbar||^2): a rough lower bound, finite even when unresolved
     resolved: bool  # |G|^2 > 0 at this n
 
 
@@ -150,8 +150,9 @@ def estimate(n: int, sq_mean: float, m2: float) -> ScopeEstimate:
     trace = m2 / (n - 1)
     g2 = sq_mean - trace / n
     resolved = g2 > 0 and math.isfinite(g2)
-    # E||gbar||^2 = |G|^2 + tr/n >= |G|^2, so tr/||gbar||^2 bounds B_simple from below.
-    lower = trace / sq_mean if sq_mean > 0 else 0.0
+    # E||gbar||^2 = |G|^2 + tr/n >= |G|^2, so tr/||gbar||^2 is (in expectation) below
+    # B_simple; when unresolved, ||gbar||^2 <= tr/n and the data only say B_simple >~ n.
+    lower = min(float(n), trace / sq_mean) if sq_mean > 0 else float(n)
     return ScopeEstimate(
         n=n,
         grad_sq_norm=g2,

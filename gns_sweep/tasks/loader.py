@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 from gns_sweep.errors import UsageError
 from gns_sweep.tasks.base import Task
@@ -20,6 +22,8 @@ def load_task(spec: str) -> Task:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise UsageError(f"task '{spec}' is not of the form package.module:attr")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure is the user's module's
