@@ -116,25 +116,29 @@ def fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def b_text(row) -> str:
+def b_cells(row) -> tuple[str, str]:
+    """B_simple and its interval; an unresolved |G|^2 shows the lower bound instead."""
     if not row.resolved:
-        return f"> {fmt(row.b_simple_lower_bound)} (unresolved)"
-    return f"{fmt(row.b_simple)} [{fmt(row.b_simple_lo)}, {fmt(row.b_simple_hi)}]"
+        return f">{fmt(row.b_simple_lower_bound)}", "unresolved"
+    return fmt(row.b_simple), f"{fmt(row.b_simple_lo)}-{fmt(row.b_simple_hi)}"
 
 
 def render(r: PredictResult) -> None:
     ref = r.reference
-    reached = (
-        f"target {ref.target_loss:g} reached at step {ref.steps_to_target}"
-        if ref.steps_to_target
-        else ("target not reached within the budget" if ref.target_loss is not None else "no target")
-    )
+    if r.config.checkpoints == 1:
+        reached = "one checkpoint, so the run was not traced to its target"
+    elif ref.steps_to_target is not None:
+        reached = f"target {ref.target_loss:g} reached at step {ref.steps_to_target}"
+    elif ref.target_loss is not None:
+        reached = f"target {ref.target_loss:g} not reached within the budget"
+    else:
+        reached = "no target: traced to the end of the budget"
     out.print(
         f"[bold]{r.task}[/]: reference run at batch {ref.batch_size}, lr {ref.lr:g}; {reached}; "
         f"checkpoints at steps {', '.join(map(str, ref.checkpoint_steps))}"
     )
-    t = Table(title="B_simple along the reference run (scope total, 95% jackknife interval)")
-    for col in ("ckpt", "step", "train loss", "eval loss", "|G|^2", "tr(Sigma)", "B_simple [95% CI]", "SNR"):
+    t = Table(title="B_simple along the reference run (whole model; 95% jackknife interval)")
+    for col in ("ckpt", "step", "train loss", "eval loss", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR"):
         t.add_column(col, justify="right")
     for row in r.rows:
         if row.scope == TOTAL:
@@ -145,7 +149,7 @@ def render(r: PredictResult) -> None:
                 fmt(row.eval_loss, 4),
                 fmt(row.grad_sq_norm),
                 fmt(row.trace_sigma),
-                b_text(row),
+                *b_cells(row),
                 fmt(row.snr_mean),
             )
     out.print(t)
@@ -153,23 +157,23 @@ def render(r: PredictResult) -> None:
     last = max(row.checkpoint for row in r.rows)
     flags = {f.scope: f.verdict for f in r.layer_flags}
     t = Table(title=f"per layer at checkpoint {last} (step {ref.checkpoint_steps[-1]})")
-    for col in ("scope", "params", "|G|^2", "tr(Sigma)", "B_simple [95% CI]", "SNR", "verdict"):
+    for col in ("scope", "params", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR", "verdict"):
         t.add_column(col, justify="right" if col not in ("scope", "verdict") else "left")
     for row in r.rows:
         if row.checkpoint == last:
             verdict = flags.get(row.scope, "")
-            if row.scope == r.noisiest_layer:
-                verdict += " (largest noise scale)"
             t.add_row(
                 row.scope,
                 str(row.n_params),
                 fmt(row.grad_sq_norm),
                 fmt(row.trace_sigma),
-                b_text(row),
+                *b_cells(row),
                 fmt(row.snr_mean),
                 verdict,
             )
     out.print(t)
+    if r.noisiest_layer is not None:
+        out.print(f"largest noise scale: layer [bold]{r.noisiest_layer}[/]")
 
     t = Table(title="per-parameter SNR |mean|/std at the last checkpoint (10 log-spaced bins)")
     t.add_column("SNR from", justify="right")

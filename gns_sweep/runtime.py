@@ -98,7 +98,7 @@ class Cluster:
         """
         import ray
 
-        self._check_resources(resources)
+        self.check_resources(resources)
         remote = ray.remote(_run_on_worker).options(
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=resources.max_retries
         )
@@ -143,7 +143,8 @@ class Cluster:
             slots = min(slots, int(have.get("GPU", 0) // resources.num_gpus))
         return max(slots, 1)
 
-    def _check_resources(self, resources: Resources) -> None:
+    def check_resources(self, resources: Resources) -> None:
+        """UsageError (not a hang) when no node could ever run a task of this size."""
         have = self.resources()
         if resources.num_gpus > 0 and have.get("GPU", 0) < resources.num_gpus:
             raise UsageError(
@@ -186,12 +187,19 @@ def connect(cluster: Cluster) -> None:
     _check_reachable(cfg.address)
     _use_saved_token()
     try:
-        ray.init(address=cfg.address, logging_level=logging.ERROR, log_to_driver=False)
+        ray.init(address=cfg.address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=_runtime_env())
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(
             f"cannot connect to the Ray cluster at --address {cfg.address!r}: {exc}; "
             "check the address printed by `ray start --head`, or drop --address to run locally"
         ) from None
+
+
+def _runtime_env() -> dict | None:
+    """Workers of an existing cluster do not inherit the driver's environment:
+    forward PYTHONPATH so user task modules import there as they do here."""
+    path = os.environ.get("PYTHONPATH")
+    return {"env_vars": {"PYTHONPATH": path}} if path else None
 
 
 def _use_saved_token() -> None:

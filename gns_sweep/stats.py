@@ -191,11 +191,15 @@ def jackknife_interval(total: Moments, blocks: Sequence[Moments], groups: Sequen
     k = len(blocks)
     if k < 2 or not full.resolved:
         return Interval(math.nan, math.nan)
+    if full.b_simple == 0:  # no noise at all (identical gradients)
+        return Interval(0.0, 0.0)
     logs = []
     for block in blocks:
         rest = estimate_scope(subtract(total, block), groups)
         if not rest.resolved:
             return Interval(math.nan, math.inf)
+        if rest.b_simple <= 0:
+            return Interval(0.0, math.nan)
         logs.append(math.log(rest.b_simple))
     logs_arr = np.asarray(logs)
     se = math.sqrt((k - 1) / k * float(((logs_arr - logs_arr.mean()) ** 2).sum()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from gns_sweep.errors import UsageError
 from gns_sweep.tasks.base import Task
@@ -31,6 +32,7 @@ def load_task(spec: str) -> Task:
             f"cannot import module '{module_name}' for task '{spec}': {type(exc).__name__}: {exc}; "
             "check the name and that its folder is on PYTHONPATH"
         ) from None
+    _share_with_workers(module, module_name)
     factory = getattr(module, attr, None)
     if factory is None:
         raise UsageError(f"module '{module_name}' has no attribute '{attr}' (task '{spec}')")
@@ -47,3 +49,18 @@ def load_task(spec: str) -> Task:
             f"'{spec}()' returned a {type(task).__name__}, not a gns_sweep.Task; return gns_sweep.Task(...)"
         )
     return task
+
+
+def _share_with_workers(module, module_name: str) -> None:
+    """Put the folder the module was imported from on PYTHONPATH, which Ray
+    workers inherit (and runtime.connect forwards to a cluster's workers), so
+    they can unpickle the task's model class and loss function."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return
+    root = Path(file).resolve().parents[module_name.count(".")]
+    if module_name.count(".") == 0 and Path(file).name == "__init__.py":
+        root = root.parent
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(root) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *paths])

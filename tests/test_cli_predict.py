@@ -1,0 +1,171 @@
+"""`gns-sweep predict` and `gns-sweep tasks` through the CLI: outputs and every input error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from gns_sweep_cli.main import app
+from typer.testing import CliRunner
+
+from gns_sweep.storage import read_settings
+
+runner = CliRunner()
+SMALL = ["--probe-size", "64", "--checkpoints", "2", "--warmup-steps", "2", "--shards", "2", "--blocks", "4"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_usage_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output  # one line, no traceback
+    assert lines[0].startswith("error:")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--task", "no-such-task"], ["unknown task 'no-such-task'", "blobs-noisy"]),
+        (["--task", "no_such_module_xyz:make"], ["cannot import module 'no_such_module_xyz'"]),
+        (["--task", "example_tasks:not_a_task"], ["returned a dict, not a gns_sweep.Task"]),
+        (["--task", "example_tasks:NOT_CALLABLE"], ["not a zero-argument callable"]),
+        (["--task", "example_tasks:missing"], ["has no attribute 'missing'"]),
+        (["--probe-size", "1"], ["--probe-size 1", "need at least 2 examples"]),
+        (["--shards", "0"], ["--shards 0", "at least 1"]),
+        (["--probe-size", "10", "--shards", "11"], ["--shards 11", "at most 10"]),
+        (["--layer", "nope"], ["unknown --layer 'nope'", "0, 2"]),
+        (["--engine", "turbo"], ["unknown --engine 'turbo'"]),
+        (["--checkpoints", "0"], ["--checkpoints 0"]),
+        (["--address", "127.0.0.1:1"], ["cannot reach a Ray cluster at --address '127.0.0.1:1'"]),
+        (["--address", "nonsense"], ["--address 'nonsense' is not host:port"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, fragments):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tmp_path / "out"
+    result = invoke("predict", "--task", "blobs-noisy", *SMALL, "--out", out, *args)
+    assert_usage_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_predict_writes_parquet_and_refuses_a_different_run(tmp_path, ray_address):
+    out = tmp_path / "run"
+    result = invoke("predict", "--task", "blobs-noisy", *SMALL, "--out", out, "--address", ray_address)
+    assert result.exit_code == 0, result.output
+    assert "B_simple" in result.output and "largest noise scale" in result.output
+    path = out / "predict.parquet"
+    df = pd.read_parquet(path)
+    expected = {
+        "task": "object",
+        "checkpoint": "int64",
+        "step": "int64",
+        "train_loss": "float64",
+        "scope": "object",
+        "n_examples": "int64",
+        "estimator": "object",
+        "grad_sq_norm": "float64",
+        "trace_sigma": "float64",
+        "b_simple": "float64",
+        "b_simple_lo": "float64",
+        "b_simple_hi": "float64",
+        "snr_mean": "float64",
+        "resolved": "bool",
+    }
+    for column, dtype in expected.items():
+        assert column in df.columns
+        kind = df[column].dtype
+        assert str(kind) == dtype or (dtype == "object" and pd.api.types.is_string_dtype(kind)), (column, kind)
+    assert len(df) == 2 * 3  # 2 checkpoints x (total + 2 layers)
+    assert set(df["scope"]) == {"total", "0", "2"}
+    assert (df["n_examples"] == 64).all()
+    settings = read_settings(path)
+    assert settings["command"] == "predict" and settings["probe_size"] == 64 and settings["task"] == "blobs-noisy"
+    assert pq.read_metadata(path).num_rows == 6
+
+    # The same command again is fine; a different one needs --overwrite.
+    again = invoke("predict", "--task", "blobs-noisy", *SMALL, "--out", out, "--address", ray_address)
+    assert again.exit_code == 0, again.output
+    other = invoke("predict", "--task", "blobs-noisy", *SMALL, "--seed", "1", "--out", out, "--address", ray_address)
+    assert_usage_error(other, "already holds a different run", "--overwrite")
+    assert read_settings(path)["seed"] == 0
+    forced = invoke(
+        "predict", "--task", "blobs-noisy", *SMALL, "--seed", "1", "--out", out, "--address", ray_address, "--overwrite"
+    )
+    assert forced.exit_code == 0, forced.output
+    assert read_settings(path)["seed"] == 1
+
+
+def test_json_summary_and_user_task(tmp_path, ray_address, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tmp_path / "ident"
+    args = ["--probe-size", "32", "--checkpoints", "1", "--warmup-steps", "0", "--shards", "2"]
+    result = invoke(
+        "predict", "--task", "example_tasks:identical", *args, "--out", out, "--address", ray_address, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    (total,) = [r for r in summary["rows"] if r["scope"] == "total"]
+    assert total["trace_sigma"] == 0.0 and total["b_simple"] == 0.0  # identical examples: no noise
+    assert summary["out"].endswith("predict.parquet")
+
+
+def test_tasks_lists_builtins():
+    result = invoke("tasks")
+    assert result.exit_code == 0
+    for name in ("blobs-clean", "blobs-noisy", "linreg"):
+        assert name in result.output
+
+
+def test_local_ray_instance_from_a_shell(tmp_path):
+    """No --address: a local Ray instance starts on 127.0.0.1 only, without a dashboard, and stops."""
+    out = tmp_path / "local"
+    script = f"""
+import os, sys, threading, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from sockets import descendants, listening
+from gns_sweep_cli.main import app
+
+seen = set()
+done = False
+def watch():
+    while not done:
+        seen.update(listening(descendants(os.getpid())))
+        time.sleep(0.2)
+t = threading.Thread(target=watch, daemon=True)
+t.start()
+try:
+    app(["predict", "--task", "linreg", "--probe-size", "128", "--checkpoints", "1", "--warmup-steps", "0",
+         "--num-cpus", "1", "--out", {str(out)!r}], standalone_mode=False)
+finally:
+    done = True
+    t.join()
+print("LISTEN", sorted(seen))
+print("LEFT", sorted(descendants(os.getpid()) - {{os.getpid()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = {
+        ln.split(" ", 1)[0]: eval(ln.split(" ", 1)[1])
+        for ln in proc.stdout.splitlines()
+        if ln.startswith(("LISTEN ", "LEFT "))
+    }
+    listening = lines["LISTEN"]
+    assert len(listening) >= 3, "saw too few Ray sockets to judge"
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in listening), listening
+    assert all(port != 8265 for _, port in listening)  # no dashboard
+    assert (out / "predict.parquet").exists()
+
+
+def test_gpus_the_cluster_lacks_are_a_usage_error(tmp_path, ray_address):
+    out = tmp_path / "gpu"
+    result = invoke("predict", *SMALL, "--gpus-per-shard", "1", "--out", out, "--address", ray_address)
+    assert_usage_error(result, "asks for 1 GPU(s) but the cluster has 0")
+    assert not out.exists()
