@@ -352,13 +352,14 @@ def run_predict(
     from gns_sweep.train import eval_loss
 
     task, config = validate(config)
+    resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
+    cluster.require(resources)
     ref, snapshots = reference_run(task, config, progress)
     idx = probe_indices(task, config)
     probe_ref = cluster.put((task.train_inputs[idx].contiguous(), task.train_targets[idx].contiguous(), task.loss))
     n_blocks = min(config.blocks, config.probe_size)
     units = micro_batches(config.probe_size, edges(config.probe_size, n_blocks), config.max_batch, config.shards)
     work = assign(units, config.shards)
-    resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
     model = init_model(task, config.seed)
     layout = param_layout(model)
     if config.layer is not None:
