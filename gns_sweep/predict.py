@@ -353,7 +353,7 @@ def run_predict(
 
     task, config = validate(config)
     resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
-    cluster.require(resources)
+    cluster.check_resources(resources)  # fail before any work
     ref, snapshots = reference_run(task, config, progress)
     idx = probe_indices(task, config)
     probe_ref = cluster.put((task.train_inputs[idx].contiguous(), task.train_targets[idx].contiguous(), task.loss))
