@@ -22,13 +22,13 @@ from torch import nn
 from gns_sweep import __version__
 from gns_sweep import stats as st
 from gns_sweep.errors import UsageError
-from gns_sweep.per_example import DEFAULT_ENGINE, ENGINES, TOTAL, get_engine, param_layout
+from gns_sweep.per_example import DEFAULT_ENGINE, ENGINES, TOTAL, ParamLayout, get_engine, param_layout
 from gns_sweep.per_example.base import refuse_coupled_layers
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 from gns_sweep.runtime import Cluster, Resources, WorkerInfo
 from gns_sweep.storage import PREDICT_FILE, PREDICT_SCHEMA, write_table
 from gns_sweep.tasks import Task, load_task
-from gns_sweep.train import TrainConfig, init_model, train
+from gns_sweep.train import TrainConfig, eval_loss, init_model, train
 
 ESTIMATOR = "per-example"
 
@@ -296,18 +296,22 @@ def measure(
     return st.merge_all(blocks), blocks, loss_sum
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a measurement was taken: the columns shared by its rows."""
+
+    task: str
+    checkpoint: int  # index along the reference run
+    step: int  # SGD steps taken
+    examples_seen: int  # step * reference batch size
+    eval_loss: float  # eval loss of the weights measured
+    engine: str  # per-example engine used
+
+
 def scope_rows(
-    task_name: str,
-    checkpoint: int,
-    step: int,
-    batch_size: int,
-    eval_loss: float,
-    total: st.Moments,
-    blocks: Sequence[st.Moments],
-    loss_sum: float,
-    layout,
-    engine: str,
+    where: Checkpoint, total: st.Moments, blocks: Sequence[st.Moments], loss_sum: float, layout: ParamLayout
 ) -> list[ScopeRow]:
+    """One row per scope: the estimate, its jackknife interval, mean SNR."""
     snr = st.snr(total)
     rows = []
     for scope, groups in layout.scopes.items():
@@ -316,17 +320,12 @@ def scope_rows(
         mask = np.concatenate([np.arange(layout.offsets[g], layout.offsets[g + 1]) for g in groups])
         rows.append(
             ScopeRow(
-                task=task_name,
-                checkpoint=checkpoint,
-                step=step,
-                examples_seen=step * batch_size,
+                **asdict(where),
                 train_loss=loss_sum / total.n,
-                eval_loss=eval_loss,
                 scope=scope,
                 n_params=int(mask.size),
                 n_examples=total.n,
                 estimator=ESTIMATOR,
-                engine=engine,
                 grad_sq_norm=est.grad_sq_norm,
                 grad_sq_norm_biased=est.grad_sq_norm_biased,
                 trace_sigma=est.trace_sigma,
@@ -349,8 +348,6 @@ def run_predict(
     progress: ProgressFn = no_progress,
 ) -> PredictResult:
     """The whole pipeline. Writes DIR/predict.parquet after every checkpoint when out_dir is given."""
-    from gns_sweep.train import eval_loss
-
     task, config = validate(config)
     resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
     cluster.check_resources(resources)  # fail before any work
@@ -376,9 +373,8 @@ def run_predict(
         stage = f"checkpoint {c + 1}/{len(ref.checkpoint_steps)} (step {step}): shards"
         results = cluster.run(probe_shard, calls, resources=resources, stage=stage, progress=progress)
         total, blocks, loss_sum = measure([p for r in results for p in r], n_blocks)
-        rows += scope_rows(
-            task.name, c, step, ref.batch_size, eval_loss(model, task), total, blocks, loss_sum, layout, config.engine
-        )
+        where = Checkpoint(task.name, c, step, step * ref.batch_size, eval_loss(model, task), config.engine)
+        rows += scope_rows(where, total, blocks, loss_sum, layout)
         last_total = total
         if out_dir is not None:
             write_table(Path(out_dir) / PREDICT_FILE, [asdict(r) for r in rows], PREDICT_SCHEMA, settings(config))

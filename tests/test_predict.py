@@ -8,6 +8,7 @@ import torch
 
 from gns_sweep.per_example import get_engine, param_layout
 from gns_sweep.predict import (
+    Checkpoint,
     PredictConfig,
     assign,
     edges,
@@ -76,7 +77,8 @@ def test_ray_result_equals_in_process_computation(cluster):
         worker=WorkerInfo("cpu", "driver", 1),
     )
     total, blocks, loss_sum = measure(pieces, cfg.blocks)
-    rows = scope_rows(task.name, 0, 0, task.batch_size, 0.0, total, blocks, loss_sum, param_layout(model), cfg.engine)
+    where = Checkpoint(task.name, 0, 0, 0, 0.0, cfg.engine)
+    rows = scope_rows(where, total, blocks, loss_sum, param_layout(model))
     for a, b in zip(result.rows, rows, strict=True):
         assert a.scope == b.scope
         assert a.b_simple == pytest.approx(b.b_simple, rel=1e-9)
