@@ -136,10 +136,6 @@ class Cluster:
             raise
         return results
 
-    def require(self, resources: Resources) -> None:
-        """Fail now, before any work, if no node can ever run a task this size."""
-        self._check_resources(resources)
-
     def _slots(self, resources: Resources) -> int:
         have = self.resources()
         slots = int(have.get("CPU", 1) // resources.num_cpus) if resources.num_cpus > 0 else len(have)

@@ -104,7 +104,7 @@ def train(
     """
     if model is None:
         model = init_model(task, config.seed, device)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
     x_all, y_all = task.train_inputs.to(device), task.train_targets.to(device)
     max_steps = max(1, config.budget_examples // config.batch_size)
     if stop_after is not None:
@@ -124,7 +124,8 @@ def train(
     while step < max_steps:
         idx = next(data)
         step += 1
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss = task.loss(model(x_all[idx]), y_all[idx]).mean()
         if not torch.isfinite(loss):
             status = DIVERGED
@@ -132,7 +133,7 @@ def train(
             losses.append(math.inf)
             break
         loss.backward()
-        opt.step()
+        _sgd_step(params, config.lr)
         if on_step is not None:
             on_step(step, model)
         if eval_due(step) or step == max_steps:
@@ -158,6 +159,15 @@ def train(
         curve_losses=tuple(losses),
         update_ratios=_update_ratios(model, config.lr),
     )
+
+
+@torch.no_grad()
+def _sgd_step(params: list[torch.Tensor], lr: float) -> None:
+    """w -= lr * grad. The same update as torch.optim.SGD without momentum, minus
+    ~0.2 ms of per-step bookkeeping that dominates small-batch trials."""
+    for p in params:
+        if p.grad is not None:
+            p.add_(p.grad, alpha=-lr)
 
 
 def _update_ratios(model: nn.Module, lr: float) -> dict[str, float]:

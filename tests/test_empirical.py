@@ -1,0 +1,124 @@
+"""`gns-sweep empirical` on a real loopback Ray cluster: resume after SIGKILL, divergence, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from gns_sweep_cli.main import app
+from typer.testing import CliRunner
+
+from gns_sweep.storage import PLAN_FILE, TRIALS_DIR, finished_trial_ids, read_rows
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_diverged_trials_are_recorded(ray_address, tmp_path):
+    out = tmp_path / "div"
+    result = invoke(
+        "empirical", "--task", "blobs-noisy", "--batch-sizes", "16", "--lrs", "0.5,5000", "--seeds", "1",
+        "--budget-examples", "1600", "--out", str(out), "--address", ray_address,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    trials = pd.read_parquet(out / "trials.parquet").set_index("lr")
+    assert len(trials) == 2
+    assert trials.loc[5000, "status"] == "diverged"
+    assert pd.isna(trials.loc[5000, "steps_to_target"])
+    assert trials.loc[0.5, "status"] in ("reached", "budget")
+    assert trials.loc[0.5, "update_ratio_max"] > 0
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert set(curves.trial_id) == set(trials.trial_id)
+    assert (curves.examples == curves.step * curves.batch_size).all()
+
+
+def test_resume_after_sigkill_completes_without_duplicates(ray_address, tmp_path):
+    out = tmp_path / "killed"
+    # 12 trials that each run their whole budget (the target is unreachable), ~1 s apiece
+    args = [
+        "empirical", "--task", "blobs-noisy", "--batch-sizes", "4,8", "--lrs", "0.05,0.1", "--seeds", "3",
+        "--budget-examples", "8000", "--target-loss", "0.0", "--out", str(out), "--address", ray_address,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gns_sweep", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while len(finished_trial_ids(out)) < 2:
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = finished_trial_ids(out)
+    assert 2 <= len(done_before) < 12
+    planned = {row["trial_id"] for row in read_rows(out / PLAN_FILE)}
+    assert len(planned) == 12
+
+    again = invoke(*args)
+    assert again.exit_code == 2 and "--resume" in again.output  # refuses to clobber silently
+
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"{len(done_before)} already on disk" in result.output
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 12 and trials.trial_id.is_unique
+    assert set(trials.trial_id) == planned == finished_trial_ids(out)
+    assert not [p for p in (out / TRIALS_DIR).iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert (trials.status == "budget").all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-sizes", ""], "--batch-sizes"),
+        (["--batch-sizes", "0,8"], "contains 0"),
+        (["--batch-sizes=-8"], "contains -8"),
+        (["--batch-sizes", "eight"], "not a comma list"),
+        (["--lrs", "0,0.1"], "contains 0"),
+        (["--lrs=-0.1"], "-0.1"),
+        (["--lrs", "x0"], "contains 0"),
+        (["--batch-sizes", "8,1024", "--budget-examples", "512"], "smaller than the largest batch size 1024"),
+        (["--seeds", "0"], "--seeds 0"),
+        (["--task", "no-such-task"], "unknown task"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "bad"
+    result = invoke("empirical", *args, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_gpu_is_a_usage_error_not_a_hang(ray_address, tmp_path):
+    out = tmp_path / "gpu"
+    result = invoke(
+        "empirical", "--task", "blobs-noisy", "--batch-sizes", "64", "--lrs", "0.1", "--seeds", "1",
+        "--budget-examples", "640", "--gpus-per-trial", "1", "--out", str(out), "--address", ray_address,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "GPU" in result.output
+    assert not out.exists()
+
+
+def test_resume_refuses_a_different_plan(ray_address, tmp_path):
+    out = tmp_path / "plan"
+    base = ["empirical", "--task", "blobs-noisy", "--batch-sizes", "64", "--lrs", "0.1", "--seeds", "1"]
+    first = invoke(*base, "--budget-examples", "640", "--out", str(out), "--address", ray_address)
+    assert first.exit_code == 0, first.output
+    other = invoke(*base, "--budget-examples", "1280", "--out", str(out), "--address", ray_address, "--resume")
+    assert other.exit_code == 2 and "budget_examples" in other.output
+    assert Path(out / "trials.parquet").exists()
