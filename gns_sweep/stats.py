@@ -46,9 +46,13 @@ def empty(offsets: np.ndarray, *, param_moments: bool) -> Moments:
 
 
 def group_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Sum a (P,) vector within each group -> (G,)."""
-    csum = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
-    return csum[offsets[1:]] - csum[offsets[:-1]]
+    """Sum a (P,) vector within each group -> (G,), in float64."""
+    starts = offsets[:-1]
+    sums = np.add.reduceat(values, starts, dtype=np.float64) if values.size else np.zeros(len(starts))
+    empty = offsets[1:] == starts  # reduceat returns values[start] for an empty group
+    if empty.any():
+        sums[empty] = 0.0
+    return sums
 
 
 def from_sums(
@@ -66,10 +70,13 @@ def from_sums(
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     mean = np.asarray(grad_sum, dtype=np.float64) / n
-    m2_group = np.asarray(sq_norm_sum, dtype=np.float64) - n * group_sums(mean * mean, offsets)
+    n_mean_sq = mean * mean
+    n_mean_sq *= n  # (P,) in place: this runs once per micro-batch on every parameter
+    m2_group = np.asarray(sq_norm_sum, dtype=np.float64) - group_sums(n_mean_sq, offsets)
     m2_param = None
     if param_sq_sum is not None:
-        m2_param = np.maximum(np.asarray(param_sq_sum, dtype=np.float64) - n * mean * mean, 0.0)
+        m2_param = np.asarray(param_sq_sum, dtype=np.float64) - n_mean_sq
+        np.maximum(m2_param, 0.0, out=m2_param)
     return Moments(n, mean, np.maximum(m2_group, 0.0), m2_param, offsets)
 
 

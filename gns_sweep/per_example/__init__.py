@@ -12,13 +12,14 @@ from torch import nn
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example.base import BatchMoments, Engine, LossFn, refuse_coupled_layers
+from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import GeneralEngine
 from gns_sweep.per_example.layout import ROOT, TOTAL, ParamLayout, param_layout
 from gns_sweep.per_example.loop import LoopEngine
 from gns_sweep.stats import merge_all
 
-ENGINES: dict[str, type] = {"general": GeneralEngine, "loop": LoopEngine}
-DEFAULT_ENGINE = "general"
+ENGINES: dict[str, type] = {"fast": FastEngine, "general": GeneralEngine, "loop": LoopEngine}
+DEFAULT_ENGINE = "fast"
 
 __all__ = [
     "DEFAULT_ENGINE",

@@ -1,0 +1,259 @@
+"""Cost of per-example gradient statistics, relative to one plain training step.
+
+    python benchmarks/per_example.py          # a table
+    python benchmarks/per_example.py --json   # {workload: {method: {"ms", "ratio", "peak_mb", "batch"}}}
+
+norms and moments also report "from_sums_ms": the part of "ms" spent in
+gns_sweep.stats.from_sums, which turns the engine's sums into Moments (float64
+numpy over all P parameters; timed by wrapping it during the timed calls).
+
+Workloads: `mlp` (784-512-512-10, ReLU, batch 256, cross-entropy) and
+`transformer` (char model: vocab 96, width 128, 2 blocks of LayerNorm + MLP
+128-512-128 with residual, final LayerNorm, Linear to vocab; batch 32 x 64
+tokens; per-example loss = mean token cross-entropy). Random data, float32.
+
+Methods: `plain` (forward + loss.mean().backward()), `norms` / `moments` (the
+fast engine with param_moments False / True), `torch_func` (the general engine),
+`loop` (one backward per example); the last two with param_moments=False.
+
+Time: median wall time of repeats after warm-up, all methods in this process
+(torch's default threads). plain, norms and moments are timed in interleaved
+rounds (one call of each per round), so drift in machine load hits all three
+alike; the slow torch_func and loop get fewer repeats afterwards (see REPEATS).
+On `mlp` these two materialise (B, 670k) gradients and are measured at batch 64
+(SLOW_BATCH); their ms and peak_mb are scaled by 256/64 -- both grow linearly in
+the batch -- and the entry's "batch" says what was run.
+
+Peak memory: each (workload, method) runs in its own subprocess with
+MALLOC_MMAP_THRESHOLD_=65536, so large buffers are mmapped and returned to the
+OS on free and the resident set follows the live tensors. After one warm-up
+call (and with .grad cleared) the kernel's resident high-water mark is reset
+(/proc/self/clear_refs), the method runs once with a fresh engine, and
+peak_mb = VmHWM - VmRSS before the call: the extra memory of one call
+(activations, gradients, the engine's intermediates and float64 buffers, the
+returned moments), beyond model and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gns_sweep.per_example.fast as fast_module
+from gns_sweep.per_example import param_layout
+from gns_sweep.per_example.fast import FastEngine
+from gns_sweep.per_example.general import GeneralEngine
+from gns_sweep.per_example.loop import LoopEngine
+
+METHODS = ("plain", "norms", "moments", "torch_func", "loop")
+WORKLOADS = ("mlp", "transformer")
+FAST, SLOW = ("plain", "norms", "moments"), ("torch_func", "loop")
+REPEATS = {"plain": 30, "norms": 30, "moments": 30, "torch_func": 3, "loop": 3}
+WARMUP = {"plain": 3, "norms": 3, "moments": 3, "torch_func": 1, "loop": 1}
+BATCH = {"mlp": 256, "transformer": 32}
+SLOW_BATCH = {"mlp": 64, "transformer": 32}  # batch at which torch_func and loop run
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: nn.Module
+    inputs: torch.Tensor  # (B, ...)
+    targets: torch.Tensor  # (B, ...)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # per-example losses (B,)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.norm(h))  # (B, T, D)
+
+
+class CharModel(nn.Module):
+    def __init__(self, vocab: int = 96, width: int = 128, hidden: int = 512, blocks: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.Sequential(*(Block(width, hidden) for _ in range(blocks)))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.blocks(self.embed(ids))))  # (B, T, V)
+
+
+def token_mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)  # (B,)
+
+
+def example_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets, reduction="none")  # (B,)
+
+
+def workload(name: str, batch: int | None = None) -> Workload:
+    torch.manual_seed(0)
+    b = batch or BATCH[name]
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+        return Workload(model, torch.randn(b, 784), torch.randint(0, 10, (b,)), example_ce)
+    if name == "transformer":
+        return Workload(CharModel(), torch.randint(0, 96, (b, 64)), torch.randint(0, 96, (b, 64)), token_mean_ce)
+    raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
+
+
+def run_batch(workload_name: str, method_name: str) -> int:
+    return SLOW_BATCH[workload_name] if method_name in SLOW else BATCH[workload_name]
+
+
+def method(name: str, w: Workload) -> Callable[[], object]:
+    layout = param_layout(w.model)
+
+    def plain():
+        w.model.zero_grad(set_to_none=True)
+        w.loss(w.model(w.inputs), w.targets).mean().backward()
+
+    def engine(e, param_moments):
+        return lambda: e.batch_moments(w.model, w.inputs, w.targets, w.loss, layout, param_moments=param_moments)
+
+    return {
+        "plain": plain,
+        "norms": engine(FastEngine(), False),
+        "moments": engine(FastEngine(), True),
+        "torch_func": engine(GeneralEngine(), False),
+        "loop": engine(LoopEngine(), False),
+    }[name]
+
+
+class FromSumsClock:
+    """Time spent inside gns_sweep.stats.from_sums by the fast engine (wrapped while timing)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> FromSumsClock:
+        real = self.real = fast_module.from_sums
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        fast_module.from_sums = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fast_module.from_sums = self.real
+
+
+def time_ms(fns: dict[str, Callable[[], object]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms per method, and median ms of it inside from_sums; the methods interleaved round by
+    round after warm-up."""
+    for name, fn in fns.items():
+        for _ in range(WARMUP[name]):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    inner: dict[str, list[float]] = {name: [] for name in fns}
+    with FromSumsClock() as clock:
+        for _ in range(max(REPEATS[name] for name in fns)):
+            for name, fn in fns.items():
+                if len(times[name]) < REPEATS[name]:
+                    clock.seconds = 0.0
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+                    inner[name].append(clock.seconds)
+    median = lambda ts: 1e3 * statistics.median(ts)  # noqa: E731
+    return {k: median(t) for k, t in times.items()}, {k: median(t) for k, t in inner.items()}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_mb_child(workload_name: str, method_name: str) -> float:
+    """Run in a fresh process: extra resident memory of one call (see the module docstring)."""
+    w = workload(workload_name, run_batch(workload_name, method_name))
+    method(method_name, w)()  # warm-up: one-time allocations (thread pools, kernels) are not counted
+    fn = method(method_name, w)  # a fresh engine: its reusable buffers are counted too
+    w.model.zero_grad(set_to_none=True)  # .grad of the warm-up would hide the plain step's own
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident high-water mark
+    before = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def peak_mb(workload_name: str, method_name: str) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--peak-child", workload_name, method_name]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
+    results = {}
+    for wname in WORKLOADS:
+        w = workload(wname)
+        ms, in_from_sums = time_ms({m: method(m, w) for m in FAST})
+        slow = workload(wname, SLOW_BATCH[wname])
+        for m in SLOW:
+            ms.update(time_ms({m: method(m, slow)})[0])
+        row = {}
+        for m in METHODS:
+            batch = run_batch(wname, m)
+            scale = BATCH[wname] / batch  # per-example methods: time and memory linear in the batch
+            mem = round(scale * peak_mb(wname, m), 1) if memory else None
+            row[m] = {"ms": round(scale * ms[m], 2), "peak_mb": mem, "batch": batch}
+            if m in ("norms", "moments"):
+                row[m]["from_sums_ms"] = round(in_from_sums[m], 2)
+        for r in row.values():
+            r["ratio"] = round(r["ms"] / row["plain"]["ms"], 3)
+        results[wname] = row
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--peak-child", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_child:
+        print(peak_mb_child(*args.peak_child))
+        return
+    results = run(memory=not args.no_memory)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms and MB scaled to the full batch")
+    for wname, row in results.items():
+        print(f"\n{wname} (batch {BATCH[wname]}) {'ms':>8s} {'x plain':>8s} {'peak MB':>8s}  batch  from_sums ms")
+        for mname, r in row.items():
+            mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+            inner = f"{r['from_sums_ms']:.2f}" if "from_sums_ms" in r else ""
+            print(f"  {mname:12s} {r['ms']:9.2f} {r['ratio']:8.2f} {mem:>8s}  {r['batch']:5d}  {inner}")
+
+
+if __name__ == "__main__":
+    main()

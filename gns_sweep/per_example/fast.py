@@ -1,0 +1,316 @@
+"""The fast engine: per-layer rules on one backward pass, torch.func for the rest.
+
+One forward records each rule layer's input and the gradient edge of its output
+(forward hooks), and puts a hook on the output that runs the layer's rule as soon
+as the backward reaches it, while d(sum of losses)/d(output) is still in cache.
+The backward is one torch.autograd.grad of the summed losses w.r.t. those edges:
+it skips the parameter-gradient matmuls of an ordinary backward (the rules' sums
+replace them), and an edge, like a hook registered at forward time, still names
+the layer's own output after a later op such as ReLU(inplace=True) overwrote it.
+The rules (rules/) turn (input, output gradient) into sum_i g_i, per-example
+squared norms and, if asked, per-parameter second moments.
+
+Which path a parameter takes is read off the autograd graph after the forward:
+every edge into the parameter's AccumulateGrad node must come from inside a call
+of a layer with a rule. Then one call -> the rule's statistics; several calls
+(tied weights, a layer used twice) -> the calls' per-example gradients are
+materialised and summed, as norms of the parts do not add. Otherwise -- no rule,
+a call the rule cannot take, or a use outside the layer's forward such as
+F.linear(h, self.embed.weight) -- the parameter goes to the torch.func fallback.
+
+Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
+whose dim 0 is not the micro-batch size, or whose input is one of the model's
+parameters or buffers, goes to the fallback. Sums over the examples of one
+micro-batch are taken in the model's dtype (they replace the weight-gradient
+matmul, ~1e-7 relative in float32); `from_sums` and merges are float64.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from gns_sweep.per_example.base import BatchMoments, LossFn, check_losses, refuse_coupled_layers
+from gns_sweep.per_example.general import per_example_grads
+from gns_sweep.per_example.layout import TOTAL, ParamLayout
+from gns_sweep.per_example.rules import Call, ParamStats, Rule, find_rule
+from gns_sweep.per_example.rules.base import stats_of
+from gns_sweep.per_example.rules.outer import CHUNK_BYTES
+from gns_sweep.stats import Moments, from_sums
+
+
+@dataclass(frozen=True, eq=False)
+class _Site:
+    """A module with a rule and some trainable parameters it understands."""
+
+    module: nn.Module
+    rule: Rule
+    groups: dict[str, int]  # local parameter name -> layout group index
+    uses: list[_Use] = field(default_factory=list)  # calls seen in this forward
+
+
+@dataclass(eq=False)
+class _Use:
+    """One forward call of a rule layer. The plan sets what its output hook does; the backward fills in the rest."""
+
+    site: _Site
+    x: torch.Tensor | None  # the call's input (None: not a tensor, so no rule applies)
+    x_node: object  # autograd node of x at call time (where the call's subgraph ends), or None
+    edge: GradientEdge  # where the gradient of the call's output arrives
+    names: tuple[str, ...] = ()  # parameters whose statistics the hook computes (single-use ones)
+    param_moments: bool = False
+    keep_grad: bool = False  # keep the output gradient for the multi-use path
+    stats: dict[str, ParamStats] = field(default_factory=dict)
+    grad: torch.Tensor | None = None  # d(sum of losses)/d(output), when kept
+
+    def on_grad(self, grad: torch.Tensor) -> None:
+        if self.names:
+            call = Call(self.x, grad)
+            self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
+        if self.keep_grad:
+            self.grad = grad
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How each layout group is computed; groups in none of these have zero gradient."""
+
+    single: dict[int, tuple[_Use, str]]  # one call of one rule layer, and the local parameter name
+    multi: dict[int, list[tuple[_Use, str]]]  # several calls: materialise and sum
+    fallback: list[int]  # torch.func
+
+    def uses(self) -> list[_Use]:
+        found = [u for u, _ in self.single.values()] + [u for us in self.multi.values() for u, _ in us]
+        return list({id(u): u for u in found}.values())
+
+
+class FastEngine:
+    name = "fast"
+
+    def __init__(self) -> None:
+        self._spare: _Accumulator | None = None  # buffers of the last call, reused by the next micro-batch
+
+    def batch_moments(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss: LossFn,
+        layout: ParamLayout,
+        *,
+        param_moments: bool,
+    ) -> BatchMoments:
+        refuse_coupled_layers(model)
+        n = inputs.shape[0]
+        named = dict(model.named_parameters())
+        params = [named[k] for k in layout.names]
+        group_of = {id(p): g for g, p in enumerate(params)}
+        sites = _find_sites(model, group_of)
+        with torch.enable_grad(), _recording(sites):
+            losses = loss(model(inputs), targets)
+            check_losses(losses, n)
+            total = losses.sum()
+            held = {id(t) for t in (*model.parameters(), *model.buffers())}
+            plan = _make_plan(sites, total.grad_fn, group_of, n, held, param_moments=param_moments)
+            uses = plan.uses()
+            if uses:  # the rules run in the output hooks; the returned gradients are not needed
+                torch.autograd.grad(total, [u.edge for u in uses], allow_unused=True)
+        acc, self._spare = _Accumulator(layout, param_moments=param_moments, reuse=self._spare), None
+        with torch.no_grad():
+            for g, (use, local) in plan.single.items():
+                acc.stats(g, use.stats.get(local))  # missing: no gradient reached the output
+            for g, multi in plan.multi.items():
+                acc.stats(g, _multi_stats(multi, params[g], n, param_moments=param_moments))
+        if plan.fallback:
+            _fallback(acc, model, inputs, targets, loss, layout, plan.fallback, param_moments=param_moments)
+        m = acc.moments(n)
+        self._spare = acc if acc.reusable_after(m) else None
+        return BatchMoments(m, float(losses.detach().double().sum()))
+
+
+def _find_sites(model: nn.Module, group_of: dict[int, int]) -> list[_Site]:
+    sites = []
+    for module in model.modules():
+        rule = find_rule(module)
+        if rule is None:
+            continue
+        groups = {
+            k: group_of[id(p)]
+            for k, p in module._parameters.items()
+            if k in rule.param_names and p is not None and id(p) in group_of
+        }
+        if groups:
+            sites.append(_Site(module, rule, groups))
+    return sites
+
+
+@contextmanager
+def _recording(sites: list[_Site]):
+    """Forward hooks that record each call of a site and hook its output; all removed on exit."""
+    handles = []
+
+    def recorder(site: _Site):
+        def hook(module, args, kwargs, output):
+            if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+                return  # nothing trainable reached this output: no contribution
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            x = x if isinstance(x, torch.Tensor) else None
+            use = _Use(site, x, None if x is None else x.grad_fn, get_gradient_edge(output))
+            site.uses.append(use)
+            # registered now, before any in-place op on the output, so it sees the output's own gradient
+            handles.append(output.register_hook(use.on_grad))
+
+        return hook
+
+    # prepend: run before any hook of the user's that might replace the output, so it is the layer's own
+    handles.extend(s.module.register_forward_hook(recorder(s), with_kwargs=True, prepend=True) for s in sites)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _param_edges(root, group_of: dict[int, int], stop=None) -> tuple[dict[int, int], set]:
+    """Edges into each group's AccumulateGrad node reachable from `root` without passing `stop`,
+    and the nodes visited."""
+    counts: dict[int, int] = {}
+    seen, stack = {root}, [root]
+    while stack:
+        for nxt, _ in stack.pop().next_functions:
+            if nxt is None or nxt is stop:
+                continue
+            var = getattr(nxt, "variable", None)  # set only on AccumulateGrad nodes
+            if var is not None:
+                g = group_of.get(id(var))
+                if g is not None:
+                    counts[g] = counts.get(g, 0) + 1
+            elif nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return counts, seen
+
+
+def _make_plan(
+    sites: list[_Site], root, group_of: dict[int, int], n: int, held: set[int], *, param_moments: bool
+) -> _Plan:
+    """Route each group (see the module docstring); `held` are ids of the model's parameters and buffers."""
+    n_groups = len(group_of)
+    total, seen = _param_edges(root, group_of) if root is not None else ({}, set())
+    uses: dict[int, list[tuple[_Use, str]]] = {g: [] for g in range(n_groups)}
+    owned, bad = set(), set()
+    for site in sites:
+        owned.update(site.groups.values())
+        for use in site.uses:
+            if use.edge.node not in seen:
+                continue  # this call's output does not reach the loss
+            # a parameter or buffer as input has no example dimension, whatever its size
+            if use.x is None or id(use.x) in held or not site.rule.accepts(site.module, use.x, n):
+                bad.update(site.groups.values())
+                continue
+            edges, _ = _param_edges(use.edge.node, group_of, stop=use.x_node)
+            for local, g in site.groups.items():
+                k = edges.get(g, 0)
+                if k > 1:  # the rule's formula assumes one use per call
+                    bad.add(g)
+                elif k == 1:
+                    uses[g].append((use, local))
+    single, multi, fallback = {}, {}, []
+    for g in range(n_groups):
+        if total.get(g, 0) == 0:
+            continue
+        if g not in owned or g in bad or len(uses[g]) != total[g]:
+            fallback.append(g)
+        elif len(uses[g]) == 1:
+            single[g] = uses[g][0]
+            use, local = single[g]
+            use.names, use.param_moments = (*use.names, local), param_moments
+        else:
+            multi[g] = uses[g]
+            for use, _ in multi[g]:
+                use.keep_grad = True
+    return _Plan(single, multi, fallback)
+
+
+def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, param_moments: bool):
+    """Sum the per-example gradients of all calls, in chunks of examples, then square."""
+    total, norms, sq_sum = None, [], None
+    step = max(1, CHUNK_BYTES // (2 * param.numel() * param.element_size()))
+    for s in range(0, n, step):
+        g = None
+        for use, local in uses:
+            if use.grad is not None:
+                part = use.site.rule.grads(use.site.module, Call(use.x, use.grad).rows(s, s + step), (local,))[local]
+                g = part if g is None else g.add_(part)
+        if g is None:
+            return None
+        st = stats_of(g, param_moments=param_moments)
+        total = st.sum if total is None else total.add_(st.sum)
+        norms.append(st.sq_norms)
+        sq_sum = st.sq_sum if sq_sum is None or st.sq_sum is None else sq_sum.add_(st.sq_sum)
+    return ParamStats(total, torch.cat(norms), sq_sum)
+
+
+def _fallback(acc, model, inputs, targets, loss, layout: ParamLayout, groups: list[int], *, param_moments: bool):
+    """torch.func per-example gradients of just these groups; other parameters are held constant."""
+    sizes = tuple(layout.sizes[g] for g in groups)
+    sub = ParamLayout(
+        names=tuple(layout.names[g] for g in groups),
+        owners=tuple(layout.owners[g] for g in groups),
+        sizes=sizes,
+        offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        scopes={TOTAL: tuple(range(len(groups)))},
+    )
+    flat, _ = per_example_grads(model, inputs, targets, loss, sub)  # (B, P_sub)
+    for g, part in zip(groups, flat.double().split(sizes, dim=1), strict=True):
+        acc.stats(g, stats_of(part, param_moments=param_moments))
+
+
+class _Accumulator:
+    """The float64 sums that `from_sums` takes, filled group by group (zero where untouched).
+
+    The (P,) buffers of a previous call are reused when `from_sums` kept no view of
+    them: fresh pages cost about as much as the arithmetic at these sizes."""
+
+    def __init__(self, layout: ParamLayout, *, param_moments: bool, reuse: _Accumulator | None) -> None:
+        p, same = layout.n_params, reuse is not None and reuse.sum.shape == (layout.n_params,)
+        self.offsets = layout.offsets
+        self.sum = reuse.sum if same else np.empty(p)  # (P,) sum_i g_i
+        self.sq = np.zeros(len(layout.names))  # (G,) sum_i ||g_i[group]||^2
+        self.psq = None  # (P,) sum_i g_i^2
+        if param_moments:
+            self.psq = reuse.psq if same and reuse.psq is not None else np.empty(p)
+        self.filled = np.zeros(len(layout.names), dtype=bool)
+
+    def _slot(self, buf: np.ndarray, g: int) -> torch.Tensor:
+        return torch.from_numpy(buf[self.offsets[g] : self.offsets[g + 1]])
+
+    def stats(self, g: int, st: ParamStats | None) -> None:
+        if st is None:
+            return
+        self._slot(self.sum, g).copy_(st.sum.reshape(-1))
+        self.sq[g] = float(st.sq_norms.double().sum())
+        if self.psq is not None:
+            self._slot(self.psq, g).copy_(st.sq_sum.reshape(-1))
+        self.filled[g] = True
+
+    def moments(self, n: int) -> Moments:
+        for g in np.flatnonzero(~self.filled):  # parameters the loss does not reach
+            for buf in (self.sum, self.psq):
+                if buf is not None:
+                    buf[self.offsets[g] : self.offsets[g + 1]] = 0.0
+        return from_sums(n, self.sum, self.sq, self.offsets, self.psq)
+
+    def reusable_after(self, m: Moments) -> bool:
+        """Whether the returned moments hold no view of the buffers."""
+        return not any(
+            np.may_share_memory(out, buf)
+            for out in (m.mean, m.m2_group, m.m2_param)
+            for buf in (self.sum, self.psq)
+            if out is not None and buf is not None
+        )

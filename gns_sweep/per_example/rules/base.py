@@ -1,0 +1,60 @@
+"""What a per-layer rule sees and returns.
+
+A rule turns one forward call of a layer -- its input and the gradient of the
+summed per-example losses w.r.t. its output -- into the sum over examples and
+per-example statistics of the layer's own parameters' gradients, without a
+backward pass per example (the engine does not ask autograd for parameter
+gradients at all, so the rule's sum replaces the usual weight-gradient matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Call:
+    """One forward call of a layer, examples on dim 0 of both tensors."""
+
+    x: torch.Tensor  # the call's input, (B, ...)
+    grad: torch.Tensor  # d(sum of losses)/d(output), same shape as the output, (B, ...)
+
+    def rows(self, start: int, stop: int) -> Call:
+        return Call(self.x[start:stop], self.grad[start:stop])
+
+
+@dataclass(frozen=True)
+class ParamStats:
+    """Per-example statistics of one parameter tensor over one call."""
+
+    sum: torch.Tensor  # (*param.shape) sum_i g_i
+    sq_norms: torch.Tensor  # (B,) ||g_i||^2 of each example's gradient
+    sq_sum: torch.Tensor | None  # (*param.shape) sum_i g_i^2, None unless asked for
+
+
+class Rule:
+    """Base rule: subclasses give `grads`; `stats` may take a cheaper route."""
+
+    param_names: tuple[str, ...] = ("weight", "bias")  # the parameters the rule understands
+
+    def accepts(self, module: nn.Module, x: torch.Tensor, n: int) -> bool:
+        """Whether this call can be handled: x must carry the n examples on dim 0."""
+        return x.dim() >= 1 and x.shape[0] == n
+
+    def grads(self, module: nn.Module, call: Call, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Materialised per-example gradients, name -> (B, *param.shape)."""
+        raise NotImplementedError
+
+    def stats(
+        self, module: nn.Module, call: Call, names: tuple[str, ...], *, param_moments: bool
+    ) -> dict[str, ParamStats]:
+        return {k: stats_of(g, param_moments=param_moments) for k, g in self.grads(module, call, names).items()}
+
+
+def stats_of(g: torch.Tensor, *, param_moments: bool) -> ParamStats:
+    """Statistics of explicit per-example gradients g (B, ...)."""
+    g2 = g.square()
+    return ParamStats(g.sum(0), g2.flatten(1).sum(1), g2.sum(0) if param_moments else None)

@@ -1,0 +1,54 @@
+"""nn.Linear: y = x W^T + b, per-example weight gradient sum_t d_t x_t^T."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gns_sweep.per_example.rules.base import Call, ParamStats, Rule
+from gns_sweep.per_example.rules.outer import outer_grads, outer_stats
+
+
+class LinearRule(Rule):
+    def accepts(self, module: nn.Module, x: torch.Tensor, n: int) -> bool:
+        return x.dim() >= 2 and x.shape[0] == n
+
+    def stats(self, module, call: Call, names, *, param_moments: bool) -> dict[str, ParamStats]:
+        x, d = call.x, call.grad
+        out: dict[str, ParamStats] = {}
+        if x.dim() == 2:  # one position per example: ||g_i||^2 = ||x_i||^2 ||d_i||^2, sum_i g_i^2 = (d^2)^T (x^2)
+            d2 = d.square()  # (B, out)
+            d_norms = d2.sum(1)  # (B,)
+            if "weight" in names:
+                if param_moments:
+                    x2 = x.square()  # (B, in)
+                    out["weight"] = ParamStats(d.T @ x, x2.sum(1) * d_norms, d2.T @ x2)
+                else:  # no (B, in) squared copy
+                    out["weight"] = ParamStats(d.T @ x, torch.linalg.vector_norm(x, dim=1).square_() * d_norms, None)
+            if "bias" in names:
+                out["bias"] = ParamStats(d.sum(0), d_norms, d2.sum(0) if param_moments else None)
+            return out
+        a, dd = _positions(x, d)
+        if "weight" in names:
+            total, sq, sq_sum = outer_stats(a[:, None], dd[:, None], param_moments=param_moments)
+            out["weight"] = ParamStats(total[0], sq, None if sq_sum is None else sq_sum[0])
+        if "bias" in names:
+            s = dd.sum(1)  # (B, out) per-example bias gradients
+            s2 = s.square()
+            out["bias"] = ParamStats(s.sum(0), s2.sum(1), s2.sum(0) if param_moments else None)
+        return out
+
+    def grads(self, module, call: Call, names) -> dict[str, torch.Tensor]:
+        a, dd = _positions(call.x, call.grad)
+        out = {}
+        if "weight" in names:
+            out["weight"] = outer_grads(a[:, None], dd[:, None])[:, 0]  # (B, out, in)
+        if "bias" in names:
+            out["bias"] = dd.sum(1)  # (B, out)
+        return out
+
+
+def _positions(x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ..., in), (B, ..., out) -> (B, T, in), (B, T, out) with T the positions per example."""
+    n = x.shape[0]
+    return x.reshape(n, -1, x.shape[-1]), d.reshape(n, -1, d.shape[-1])

@@ -1,0 +1,88 @@
+"""Per-example sums of outer products: the shared core of Linear (3-D+ input) and Conv.
+
+For example b and weight group c (conv groups; 1 for Linear) the weight gradient is
+G_b = d^T a = sum_t d_t a_t^T, with a (T, K) the inputs at T positions and d (T, M)
+the output gradients. A rule must return sum_b G_b and ||G_b||^2. Per example:
+  Gram form     ||G_b||^2 = sum_{t,s} (a_t . a_s)(d_t . d_s), plus the usual
+                weight-gradient matmul for sum_b G_b:     T^2 (2(K+M)+1) + 2 T M K FLOPs
+  materialised  G_b itself, then its square and its sum:  2 T M K + 3 M K FLOPs
+so Gram pays off only when T^2 (K+M) is small next to M K (few positions, wide
+layers); each call takes the cheaper. The per-parameter second moment sum_b G_b^2
+has no Gram form, so it always materialises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Examples are processed in chunks whose largest intermediate is about this size: small enough to stay
+# in cache between the matmul and the reductions that read it (measured faster than one big batch on
+# CPU), and a bound on the extra memory.
+CHUNK_BYTES = 1 << 22
+
+
+def gram_flops(t: int, k: int, m: int) -> int:
+    return t * t * (2 * (k + m) + 1) + 2 * t * m * k
+
+
+def full_flops(t: int, k: int, m: int) -> int:
+    return 2 * t * m * k + 3 * m * k
+
+
+def chunks(n: int, per_example_bytes: int):
+    """(start, stop) ranges of examples, each with about CHUNK_BYTES of intermediates."""
+    step = max(1, CHUNK_BYTES // max(per_example_bytes, 1))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def outer_stats(
+    a: torch.Tensor, d: torch.Tensor, *, param_moments: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """a (B, C, T, K), d (B, C, T, M) -> sum_b G_b (C, M, K), ||G_b||^2 (B,), and sum_b G_b^2 (C, M, K) if asked."""
+    t, k, m = a.shape[2], a.shape[3], d.shape[3]
+    if t == 1:  # rank one: ||d a^T||^2 = ||a||^2 ||d||^2, and sum_b G_b^2 = (d^2)^T (a^2)
+        a1, d1 = a[:, :, 0], d[:, :, 0]  # (B, C, K), (B, C, M)
+        a2, d2 = a1.square(), d1.square()
+        sq_sum = torch.einsum("bcm,bck->cmk", d2, a2) if param_moments else None
+        return torch.einsum("bcm,bck->cmk", d1, a1), (a2.sum(-1) * d2.sum(-1)).sum(1), sq_sum
+    if not param_moments and gram_flops(t, k, m) < full_flops(t, k, m):
+        return torch.einsum("bctm,bctk->cmk", d, a), _gram_sq_norms(a, d), None
+    return _materialised_stats(a, d, param_moments=param_moments)
+
+
+def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    b, c, t, _ = a.shape
+    out = []
+    for s, e in chunks(b, 2 * c * t * t * a.element_size()):
+        gram = a[s:e] @ a[s:e].transpose(-1, -2)  # (b, C, T, T)
+        gram.mul_(d[s:e] @ d[s:e].transpose(-1, -2))
+        out.append(gram.sum((1, 2, 3)))
+    return torch.cat(out)
+
+
+def _materialised_stats(a: torch.Tensor, d: torch.Tensor, *, param_moments: bool):
+    b, c, t, k = a.shape
+    m = d.shape[-1]
+    a3, d3 = a.reshape(b * c, t, k), d.reshape(b * c, t, m).transpose(1, 2)  # (B*C, T, K), (B*C, M, T)
+    total = a.new_zeros(c, m, k)
+    sq_sum = a.new_zeros(c, m, k) if param_moments else None
+    norms = a.new_empty(b)
+    buf = None
+    for s, e in chunks(b, c * m * k * a.element_size()):
+        if buf is None or buf.shape[0] != (e - s) * c:  # one buffer for all chunks (the last may be shorter)
+            buf = a.new_empty((e - s) * c, m, k)
+        g = torch.bmm(d3[s * c : e * c], a3[s * c : e * c], out=buf).view(e - s, c, m, k)
+        total.add_(g.sum(0))
+        if param_moments:
+            g2 = g.square_()
+            torch.sum(g2.view(e - s, -1), 1, out=norms[s:e])
+            sq_sum.add_(g2.sum(0))
+        else:  # the norm kernel reads g once, with no squared copy
+            norms[s:e] = torch.linalg.vector_norm(g.view(e - s, -1), dim=1).square_()
+    return total, norms, sq_sum
+
+
+def outer_grads(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Materialised per-example weight gradients (B, C, M, K)."""
+    return d.transpose(-1, -2) @ a

@@ -1,0 +1,436 @@
+"""The fast engine against the per-example loop: every rule, the fallback, and the guards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gns_sweep.errors import UsageError
+from gns_sweep.per_example import get_engine, param_layout, shard_moments
+from gns_sweep.per_example.fast import FastEngine
+from gns_sweep.per_example.loop import LoopEngine
+from gns_sweep.per_example.rules import find_rule
+from gns_sweep.per_example.rules.outer import full_flops, gram_flops, outer_stats
+from gns_sweep.stats import group_sums
+
+# --- helpers ------------------------------------------------------------------
+
+
+def example_ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")  # (B,)
+
+
+def token_mean_ce(out, y):
+    return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)  # (B,) averaged over tokens
+
+
+def half_sq(out, y):
+    return 0.5 * (out - y).pow(2).flatten(1).sum(1)  # (B,)
+
+
+def assert_close(a, b, offsets, rtol, scale=None):
+    """Per group, max |a - b| <= rtol * max |scale| (scale defaults to b; entries near zero are
+    judged on the group's scale, and centred moments on the uncentred ones they are cut from)."""
+    scale = np.abs(b) if scale is None else scale
+    for g in range(len(offsets) - 1):
+        lo, hi = offsets[g], offsets[g + 1]
+        err, ref = np.abs(a[lo:hi] - b[lo:hi]).max(), max(scale[lo:hi].max(), 1e-300)
+        assert err <= rtol * ref, (g, err / ref)
+
+
+@pytest.fixture
+def fallback_names(monkeypatch):
+    """The parameter names each call sent to the torch.func fallback."""
+    import gns_sweep.per_example.fast as fast
+
+    seen: list[tuple[str, ...]] = []
+
+    def spy(model, inputs, targets, loss, layout):
+        seen.append(layout.names)
+        return real(model, inputs, targets, loss, layout)
+
+    real = fast.per_example_grads
+    monkeypatch.setattr(fast, "per_example_grads", spy)
+    return seen
+
+
+def check(model, x, y, loss, *, rtol=1e-9, param_moments=(False, True)):
+    """Compare the fast engine with the loop on every Moments field and on loss_sum."""
+    layout = param_layout(model)
+    for pm in param_moments:
+        fast = FastEngine().batch_moments(model, x, y, loss, layout, param_moments=pm)
+        ref = LoopEngine().batch_moments(model, x, y, loss, layout, param_moments=pm)
+        a, b = fast.moments, ref.moments
+        assert a.n == b.n == x.shape[0]
+        np.testing.assert_array_equal(a.offsets, b.offsets)
+        n, sq_mean = b.n, b.mean * b.mean
+        assert_close(a.mean, b.mean, a.offsets, rtol)
+        groups = np.arange(len(a.offsets))  # one entry per group
+        assert_close(a.m2_group, b.m2_group, groups, rtol, scale=b.m2_group + n * group_sums(sq_mean, b.offsets))
+        if pm:
+            assert_close(a.m2_param, b.m2_param, a.offsets, rtol, scale=b.m2_param + n * sq_mean)
+        else:
+            assert a.m2_param is None
+        assert fast.loss_sum == pytest.approx(ref.loss_sum, rel=rtol)
+    return fast
+
+
+def f64(module):
+    torch.manual_seed(0)
+    return module.double()
+
+
+def seq_model(*layers):
+    return f64(nn.Sequential(*layers))
+
+
+# --- Linear -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_linear_2d(n):
+    model = seq_model(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    check(model, torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,)), example_ce)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 4, 6), (3, 2, 6), (3, 9, 6), (2, 3, 4, 6)],  # N = 1, Gram-friendly (T=2), materialised (T=9), 4-D
+)
+def test_linear_3d_and_4d(shape):
+    model = seq_model(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5, bias=False))
+    x = torch.randn(*shape, dtype=torch.float64)
+    check(model, x, torch.randn(*shape[:-1], 5, dtype=torch.float64), half_sq)
+
+
+def test_linear_3d_token_mean_loss():
+    model = seq_model(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 7))
+    check(model, torch.randn(4, 5, 6, dtype=torch.float64), torch.randint(0, 7, (4, 5)), token_mean_ce)
+
+
+@pytest.mark.parametrize("t,k,m", [(2, 64, 64), (9, 6, 16), (1, 5, 3)])
+def test_gram_and_materialised_agree(t, k, m):
+    torch.manual_seed(1)
+    a, d = torch.randn(3, 2, t, k, dtype=torch.float64), torch.randn(3, 2, t, m, dtype=torch.float64)
+    g = d.transpose(-1, -2) @ a  # (B, C, M, K) explicit per-example gradients
+    total, sq, sq_sum = outer_stats(a, d, param_moments=True)
+    total2, sq2, none = outer_stats(a, d, param_moments=False)
+    assert none is None
+    for t in (total, total2):
+        torch.testing.assert_close(t, g.sum(0))
+    for s in (sq, sq2):
+        torch.testing.assert_close(s, g.square().sum((1, 2, 3)))
+    torch.testing.assert_close(sq_sum, g.square().sum(0))
+
+
+def test_cost_model_picks_gram_only_for_few_positions():
+    assert gram_flops(2, 1024, 1024) < full_flops(2, 1024, 1024)
+    assert gram_flops(64, 128, 512) > full_flops(64, 128, 512)
+
+
+# --- Conv ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv1d(3, 4, 3),
+        lambda: nn.Conv1d(4, 6, 2, stride=2, padding=1, groups=2, padding_mode="circular", bias=False),
+        lambda: nn.Conv1d(3, 4, 4, padding="same", dilation=2),
+        lambda: nn.Conv2d(3, 4, 3, padding=1),
+        lambda: nn.Conv2d(4, 6, (2, 3), stride=(2, 1), dilation=(1, 2), groups=2, padding=1, padding_mode="reflect"),
+        lambda: nn.Conv2d(3, 5, (2, 4), padding="same"),
+    ],
+)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_conv(conv, n):
+    layer = conv()
+    dims = 1 if isinstance(layer, nn.Conv1d) else 2
+    x = torch.randn(n, layer.in_channels, *([7] * dims), dtype=torch.float64)
+    model = seq_model(layer, nn.Tanh(), nn.Flatten())
+    y = torch.randn(model(x).shape, dtype=torch.float64)
+    check(model, x, y, half_sq)
+
+
+# --- Embedding ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_repeats_and_padding(padding_idx):
+    model = seq_model(nn.Embedding(6, 4, padding_idx=padding_idx), nn.Linear(4, 6))
+    ids = torch.tensor([[1, 1, 2, 0], [0, 0, 0, 0], [3, 5, 3, 3]])  # repeats within an example, an all-padding one
+    check(model, ids, torch.randint(0, 6, (3, 4)), token_mean_ce)
+
+
+def test_embedding_one_token_per_example_and_n1():
+    model = seq_model(nn.Embedding(5, 3), nn.Linear(3, 5))
+    check(model, torch.tensor([4, 1, 4]), torch.tensor([0, 1, 2]), example_ce)
+    check(model, torch.tensor([2]), torch.tensor([0]), example_ce)
+
+
+def test_embedding_scale_grad_by_freq_falls_back():
+    model = seq_model(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Linear(3, 5))
+    check(model, torch.tensor([[1, 1, 2], [2, 3, 3]]), torch.randint(0, 5, (2, 3)), token_mean_ce)
+
+
+# --- normalisation layers ----------------------------------------------------
+
+NORMS = [
+    lambda: (nn.LayerNorm(6), (4, 3, 6)),
+    lambda: (nn.LayerNorm((3, 6), bias=False), (4, 3, 6)),
+    lambda: (nn.GroupNorm(2, 4), (4, 4, 5)),
+    lambda: (nn.BatchNorm1d(4).eval(), (4, 4, 5)),
+]
+if hasattr(nn, "RMSNorm"):
+    NORMS.append(lambda: (nn.RMSNorm(6), (4, 3, 6)))
+
+
+@pytest.mark.parametrize("make", NORMS)
+@pytest.mark.parametrize("n", [1, 4])
+def test_norm_layers(make, n):
+    norm, shape = make()
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-trivial affine and running statistics
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        if isinstance(norm, nn.BatchNorm1d):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    model = seq_model(nn.Linear(shape[-1], shape[-1]), norm, nn.Tanh())
+    x = torch.randn(n, *shape[1:], dtype=torch.float64)
+    check(model, x, torch.randn(n, *shape[1:], dtype=torch.float64), half_sq)
+
+
+# --- tied, reused, frozen, fallback ------------------------------------------
+
+
+class TiedLM(nn.Module):
+    """Embedding and output layer share one Parameter; the block is applied twice."""
+
+    def __init__(self, vocab=7, width=5, functional=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.block = nn.Linear(width, width)
+        self.out = nn.Linear(width, vocab, bias=False)
+        self.functional = functional
+        if not functional:
+            self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = torch.tanh(self.block(torch.tanh(self.block(h))))
+        return F.linear(h, self.embed.weight) if self.functional else self.out(h)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_tied_weights_and_reused_layer(functional, fallback_names):
+    model = f64(TiedLM(functional=functional))
+    ids = torch.tensor([[1, 2, 2, 0], [3, 0, 6, 6], [5, 5, 5, 5]])
+    check(model, ids, torch.randint(0, 7, (3, 4)), token_mean_ce)
+    # module-tied weights and the twice-used block are summed from materialised per-example gradients;
+    # a weight also used outside its layer (F.linear on embed.weight) goes to the fallback
+    assert fallback_names == ([("embed.weight",)] * 2 if functional else [])
+
+
+def test_frozen_parameters_are_ignored():
+    model = seq_model(nn.Embedding(6, 4), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6))
+    model[0].weight.requires_grad_(False)
+    model[1].weight.requires_grad_(False)  # its bias stays trainable
+    assert param_layout(model).names == ("1.bias", "3.weight", "3.bias")
+    check(model, torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3, 4)), token_mean_ce)
+
+
+class Scale(nn.Module):
+    """A layer without a rule, with its own Parameter."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class ReLULinear(nn.Linear):
+    """A Linear subclass with its own forward: must not use the Linear rule."""
+
+    def forward(self, x):
+        return super().forward(torch.relu(x)) * 2
+
+
+def test_subclass_with_own_forward_has_no_rule():
+    assert find_rule(ReLULinear(2, 2)) is None
+    assert find_rule(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2)) is not None
+
+
+def test_layers_without_rule_fall_back(fallback_names):
+    model = seq_model(nn.Linear(4, 6), Scale(6), nn.Tanh(), ReLULinear(6, 3), nn.Linear(3, 3))
+    check(model, torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)), example_ce)
+    assert fallback_names == [("1.gain", "3.weight", "3.bias")] * 2  # only the rule-less layers' parameters
+
+
+def test_unused_parameters_have_zero_gradient():
+    model = seq_model(nn.Linear(4, 3), nn.Linear(3, 3))  # used only partly: call model[0] alone
+    only_first = lambda out, y: example_ce(out, y)  # noqa: E731
+
+    class FirstOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m[0](x)
+
+    check(FirstOnly(), torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)), only_first)
+
+
+class PositionTable(nn.Module):
+    """A Linear applied to a parameter table (T, D): its rows are positions, not examples."""
+
+    def __init__(self, t=3, width=4):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(t, width))
+        self.proj = nn.Linear(width, width)
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x):  # (B, T, D)
+        return self.out(torch.tanh(x + self.proj(self.table)))
+
+
+@pytest.mark.parametrize("n", [2, 3])  # n = 3 = T: the table's dim 0 looks like an example dimension
+def test_layer_on_a_parameter_table_falls_back(n, fallback_names):
+    model = f64(PositionTable())
+    check(model, torch.randn(n, 3, 4, dtype=torch.float64), torch.randint(0, 2, (n, 3)), token_mean_ce)
+    assert fallback_names == [("table", "proj.weight", "proj.bias")] * 2
+
+
+def test_user_hooks_that_replace_outputs_are_respected():
+    model = seq_model(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[0].register_forward_hook(lambda module, args, output: 2 * output)
+    check(model, torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)), example_ce)
+    assert len(model[0]._forward_hooks) == 1  # the user's hook stays, ours is gone
+
+
+class MixedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.scale = Scale(4)
+        self.bn = nn.BatchNorm1d(8).eval()
+        self.head = nn.Linear(4 * 16, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x)))  # (B, 4, 4, 4)
+        h = self.scale(h.transpose(1, 3)).transpose(1, 3)
+        return self.out(torch.tanh(self.bn(self.head(h.flatten(1)))))
+
+
+def test_mixed_model(fallback_names):
+    model = f64(MixedNet())
+    check(model, torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,)), example_ce)
+    assert fallback_names == [("scale.gain",)] * 2
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_attention_block_falls_back_where_needed(fallback_names):
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.ln = nn.LayerNorm(8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.attn(x, x, x, need_weights=False)[0]
+            return self.out(self.ln(x + h))
+
+    model = f64(Attn()).train()
+    check(model, torch.randn(3, 5, 8, dtype=torch.float64), torch.randint(0, 4, (3, 5)), token_mean_ce)
+    # out_proj is a Linear whose forward MultiheadAttention never calls: the graph check catches it
+    names = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias")
+    assert fallback_names == [names] * 2
+
+
+# --- float32 ------------------------------------------------------------------
+
+
+class CharModel(nn.Module):
+    def __init__(self, vocab=11, width=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.final = nn.RMSNorm(width) if hasattr(nn, "RMSNorm") else nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.mlp(self.norm(h))
+        return self.out(self.final(h))
+
+
+def test_float32_agrees_to_1e5(fallback_names):
+    torch.manual_seed(0)
+    check(CharModel(), torch.randint(0, 11, (6, 12)), torch.randint(0, 11, (6, 12)), token_mean_ce, rtol=1e-5)
+    assert fallback_names == []
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(128, 5))
+    check(conv, torch.randn(5, 3, 4, 4), torch.randint(0, 5, (5,)), example_ce, rtol=1e-5)
+
+
+# --- guards and plumbing ------------------------------------------------------
+
+
+def test_batchnorm_in_train_mode_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    layout = param_layout(model)
+    with pytest.raises(UsageError, match=r"'1'.*BatchNorm1d"):
+        FastEngine().batch_moments(model, x, y, example_ce, layout, param_moments=False)
+    with pytest.raises(UsageError, match=r"'1'.*BatchNorm1d"):
+        shard_moments(FastEngine(), model, x, y, example_ce, layout, max_batch=2, param_moments=False)
+
+
+def test_micro_batches_equal_one_batch():
+    model = f64(CharModel())
+    ids, y = torch.randint(0, 11, (7, 5)), torch.randint(0, 11, (7, 5))
+    layout = param_layout(model)
+    whole = FastEngine().batch_moments(model, ids, y, token_mean_ce, layout, param_moments=True)
+    parts = shard_moments(get_engine("fast"), model, ids, y, token_mean_ce, layout, max_batch=3, param_moments=True)
+    assert parts.moments.n == whole.moments.n == 7
+    for field in ("mean", "m2_group", "m2_param"):
+        np.testing.assert_allclose(getattr(parts.moments, field), getattr(whole.moments, field), rtol=1e-10, atol=1e-14)
+    assert parts.loss_sum == pytest.approx(whole.loss_sum, rel=1e-12)
+
+
+def test_model_grads_and_hooks_left_alone():
+    model = f64(TiedLM())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    marker = torch.full_like(model.block.weight, 3.0)
+    model.block.weight.grad = marker
+    engine = FastEngine()
+    for _ in range(2):  # the second call reuses the engine's buffers
+        engine.batch_moments(
+            model,
+            torch.randint(0, 7, (3, 4)),
+            torch.randint(0, 7, (3, 4)),
+            token_mean_ce,
+            param_layout(model),
+            param_moments=True,
+        )
+    assert model.block.weight.grad is marker and bool((marker == 3.0).all())
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "block.weight")
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks and not module._backward_hooks
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_engine_is_registered():
+    assert get_engine("fast").name == "fast"
