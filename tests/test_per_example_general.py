@@ -106,3 +106,13 @@ def test_loss_must_be_per_example():
 
     with pytest.raises(UsageError, match="one loss per example"):
         loop_grads(model, torch.randn(3, 3), torch.randint(0, 2, (3,)), mean_loss, layout)
+
+
+def test_batchnorm_without_running_stats_is_refused_in_eval_mode_too():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)).eval()
+    layout = param_layout(model)
+    with pytest.raises(UsageError, match="layer '1'"):
+        shard_moments(
+            get_engine("general"), model, torch.randn(4, 3), torch.randint(0, 2, (4,)), ce, layout,
+            max_batch=4, param_moments=False,
+        )  # fmt: skip

@@ -47,11 +47,13 @@ _COUPLING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 def refuse_coupled_layers(model: nn.Module) -> None:
     """Per-example gradients are undefined where a layer mixes examples."""
     for name, module in model.named_modules():
-        if isinstance(module, _COUPLING) and module.training:
+        # BatchNorm without running statistics normalises by the batch even in eval mode.
+        uses_batch_stats = module.training or not getattr(module, "track_running_stats", True)
+        if isinstance(module, _COUPLING) and uses_batch_stats:
             raise UsageError(
-                f"layer '{name}' ({type(module).__name__}) couples the examples of a batch in train mode, "
-                "so per-example gradients are undefined; put it in eval mode in build_model or replace it "
-                "with GroupNorm/LayerNorm"
+                f"layer '{name}' ({type(module).__name__}) couples the examples of a batch (it normalises "
+                "by batch statistics), so per-example gradients are undefined; replace it with GroupNorm or "
+                "LayerNorm (the micro-batch estimator that would handle it is not built yet)"
             )
 
 
