@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -105,3 +106,25 @@ class Bars:
             self.tasks[e.stage] = self.progress.add_task(e.stage, total=e.total, extra="")
         extra = f"failed {e.failed} running {e.running}" if (e.failed or e.running) else ""
         self.progress.update(self.tasks[e.stage], completed=e.done, total=e.total, extra=extra)
+
+
+def json_ready(value):
+    """JSON has no NaN or infinity: use null (recursively through dicts and lists)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for a terminal table: 3 significant digits, '-' for missing."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}g}"

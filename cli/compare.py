@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
-from gns_sweep_cli.common import JsonOpt, handle_errors, out
+from gns_sweep_cli.common import JsonOpt, fmt, handle_errors, json_ready, out
 from rich.table import Table
 
 from gns_sweep.compare import Comparison, comparison_row, frontier_rows, run_compare
@@ -31,29 +31,15 @@ def compare(
         raise RunError(f"no B_crit for {out_dir}: {c.notes[0]}")
 
 
-def _fin(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def summary(c: Comparison) -> dict:
     return {
         "out": str(c.out_dir) if c.out_dir else None,
-        "comparison": {k: _fin(v) for k, v in comparison_row(c).items()},
-        "batch_sizes": [{k: _fin(v) for k, v in row.items()} for row in frontier_rows(c)],
+        "comparison": {k: json_ready(v) for k, v in comparison_row(c).items()},
+        "batch_sizes": [{k: json_ready(v) for k, v in row.items()} for row in frontier_rows(c)],
         "statuses": c.statuses,
         "notes": list(c.notes),
-        "interval": {k: _fin(v) for k, v in asdict(c.interval).items()},
+        "interval": {k: json_ready(v) for k, v in asdict(c.interval).items()},
     }
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.{digits}g}"
 
 
 def render(c: Comparison) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import typer
@@ -17,6 +16,7 @@ from gns_sweep_cli.common import (
     cluster,
     default_out,
     handle_errors,
+    json_ready,
     out,
 )
 from rich.table import Table
@@ -142,12 +142,8 @@ def describe_plan(p: Plan) -> None:
     )
 
 
-def _fin(x):
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def summary(r: EmpiricalResult) -> dict:
-    rows = [{k: _fin(v) for k, v in row.items() if k not in ("curve_steps", "curve_losses")} for row in r.records]
+    rows = [{k: json_ready(v) for k, v in row.items() if k not in ("curve_steps", "curve_losses")} for row in r.records]
     return {
         "task": r.plan.task,
         "out": str(r.out_dir) if r.out_dir else None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +16,9 @@ from gns_sweep_cli.common import (
     check_out_dir,
     cluster,
     default_out,
+    fmt,
     handle_errors,
+    json_ready,
     out,
 )
 from rich.table import Table
@@ -78,21 +79,8 @@ def predict(
         render(result)
 
 
-def _clean(value):
-    """JSON has no NaN or infinity: use null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def summary(r: PredictResult) -> dict:
-    return _clean(
+    return json_ready(
         {
             "task": r.task,
             "out": str(r.out_dir / PREDICT_FILE) if r.out_dir else None,
@@ -106,14 +94,6 @@ def summary(r: PredictResult) -> dict:
             "rows": [asdict(row) for row in r.rows],
         }
     )
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.{digits}g}"
 
 
 def b_cells(row) -> tuple[str, str]:
