@@ -9,6 +9,7 @@ one torch thread per trial, as a 1-CPU Ray trial does.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--task", default="blobs-noisy")
     parser.add_argument("--budget-examples", type=int, default=48_000, help="per trial; ~1.5 s each at batch 16")
+    parser.add_argument("--repeats", type=int, default=3, help="each mode this many times; medians are compared")
     args = parser.parse_args()
 
     task = load_task(args.task)
@@ -39,21 +41,30 @@ def main() -> None:
         task_ref = cluster.put(task)
         # warm up one worker per CPU (a cold worker spends seconds importing torch)
         cluster.run(run_trial, [dict(task=task_ref, trial=t, **common) for t in trials[:slots]])
-        start = time.perf_counter()
-        cluster.run(run_trial, [dict(task=task_ref, trial=t, **common) for t in trials], resources=Resources(1))
-        parallel = time.perf_counter() - start
+        parallel_runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            cluster.run(run_trial, [dict(task=task_ref, trial=t, **common) for t in trials], resources=Resources(1))
+            parallel_runs.append(time.perf_counter() - start)
 
     torch.set_num_threads(1)
     worker = WorkerInfo(device="cpu", node_id="driver", threads=1)
-    start = time.perf_counter()
-    for t in trials:
-        run_trial(task=task, trial=t, worker=worker, **common)
-    sequential = time.perf_counter() - start
+    sequential_runs = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for t in trials:
+            run_trial(task=task, trial=t, worker=worker, **common)
+        sequential_runs.append(time.perf_counter() - start)
+    sequential, parallel = statistics.median(sequential_runs), statistics.median(parallel_runs)
 
     print(f"{len(trials)} trials of {args.budget_examples} examples at batch 16 on {args.task}; Ray CPUs: {slots}")
-    print(f"one at a time (driver, 1 thread): {sequential:.1f} s")
-    print(f"Ray sweep:                        {parallel:.1f} s")
+    print(f"one at a time (driver, 1 thread): {sequential:.1f} s (runs: {_fmt(sequential_runs)})")
+    print(f"Ray sweep:                        {parallel:.1f} s (runs: {_fmt(parallel_runs)})")
     print(f"speed-up: {sequential / parallel:.2f}x (goal on 2 cores: >= 1.7x)")
+
+
+def _fmt(runs: list[float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in runs)
 
 
 if __name__ == "__main__":

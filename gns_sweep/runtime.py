@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,4 +268,3 @@ def _cancel(pending: dict) -> None:
             ray.cancel(ref, force=True)
         except Exception:  # already finished or gone
             pass
-    time.sleep(0)
