@@ -173,6 +173,9 @@ def connect(cluster: Cluster) -> None:
 
         ray_constants.ENABLE_RAY_CLUSTER = False
     if cfg.address is None:
+        # Say it explicitly (Ray 2.60 already skips usage reports for ray.init clusters): nothing
+        # leaves this machine by accident.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
