@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gns_sweep.errors import GnsError, UsageError
@@ -37,11 +39,19 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except GnsError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
+        except Exception as exc:  # a bug, or a failure in the user's task code: still one line
+            if os.environ.get("GNS_SWEEP_DEBUG"):
+                raise
+            err.print(
+                f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(str(exc))} "
+                "(set GNS_SWEEP_DEBUG=1 for the traceback)"
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -30,3 +30,18 @@ def not_a_task():
 
 
 NOT_CALLABLE = 42
+
+
+class _Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x):
+        raise RuntimeError("the user's model is broken")
+
+
+def broken():
+    """A task whose model fails at run time: a runtime failure (exit 1), not bad input."""
+    task = identical()
+    return gns_sweep.Task(**{**task.__dict__, "name": "broken", "build_model": _Broken})

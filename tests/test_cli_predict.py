@@ -169,3 +169,12 @@ def test_gpus_the_cluster_lacks_are_a_usage_error(tmp_path, ray_address):
     result = invoke("predict", *SMALL, "--gpus-per-shard", "1", "--out", out, "--address", ray_address)
     assert_usage_error(result, "asks for 1 GPU(s) but the cluster has 0")
     assert not out.exists()
+
+
+def test_a_failure_in_user_code_is_one_line_and_exit_1(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    result = invoke("predict", "--task", "example_tasks:broken", *SMALL[:2], "--out", tmp_path / "b")
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: RuntimeError: the user's model is broken")
+    assert "Traceback" not in result.output
