@@ -3,9 +3,14 @@
     python benchmarks/per_example.py          # a table
     python benchmarks/per_example.py --json   # {workload: {method: {"ms", "ratio", "peak_mb", "batch"}}}
 
-norms and moments also report "from_sums_ms": the part of "ms" spent in
-gns_sweep.stats.from_sums, which turns the engine's sums into Moments (float64
-numpy over all P parameters; timed by wrapping it during the timed calls).
+norms and moments time the fast engine's call, which ends at BatchSums: the
+sum of the per-example gradients (what .grad holds after a plain step), the
+per-example squared norms summed per parameter tensor and, for moments, the
+per-parameter sums of squares, in float32 torch. predict then folds them into
+float64 and makes Moments once per jackknife block (SumAccumulator; with the
+default probe of 4096, 16 blocks and --max-batch 256, once per micro-batch).
+That is reported beside them: "fold_ms" (median time of one add + moments),
+"ratio_with_fold" = (ms + fold_ms) / plain ms, and "fold_peak_mb".
 
 Workloads: `mlp` (784-512-512-10, ReLU, batch 256, cross-entropy) and
 `transformer` (char model: vocab 96, width 128, 2 blocks of LayerNorm + MLP
@@ -51,8 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gns_sweep.per_example.fast as fast_module
-from gns_sweep.per_example import param_layout
+from gns_sweep.per_example import SumAccumulator, param_layout
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import GeneralEngine
 from gns_sweep.per_example.loop import LoopEngine
@@ -60,8 +64,9 @@ from gns_sweep.per_example.loop import LoopEngine
 METHODS = ("plain", "norms", "moments", "torch_func", "loop")
 WORKLOADS = ("mlp", "transformer")
 FAST, SLOW = ("plain", "norms", "moments"), ("torch_func", "loop")
-REPEATS = {"plain": 30, "norms": 30, "moments": 30, "torch_func": 3, "loop": 3}
-WARMUP = {"plain": 3, "norms": 3, "moments": 3, "torch_func": 1, "loop": 1}
+FOLDS = {"norms": "fold_norms", "moments": "fold_moments"}  # the float64 step after each engine method
+REPEATS = {"plain": 30, "norms": 30, "moments": 30, "torch_func": 3, "loop": 3, "fold_norms": 30, "fold_moments": 30}
+WARMUP = {"plain": 3, "norms": 3, "moments": 3, "torch_func": 1, "loop": 1, "fold_norms": 3, "fold_moments": 3}
 BATCH = {"mlp": 256, "transformer": 32}
 SLOW_BATCH = {"mlp": 64, "transformer": 32}  # batch at which torch_func and loop run
 
@@ -127,8 +132,10 @@ def method(name: str, w: Workload) -> Callable[[], object]:
         w.loss(w.model(w.inputs), w.targets).mean().backward()
 
     def engine(e, param_moments):
-        return lambda: e.batch_moments(w.model, w.inputs, w.targets, w.loss, layout, param_moments=param_moments)
+        return lambda: e.batch_sums(w.model, w.inputs, w.targets, w.loss, layout, param_moments=param_moments)
 
+    if name in FOLDS.values():
+        return fold(w, param_moments=name == FOLDS["moments"])
     return {
         "plain": plain,
         "norms": engine(FastEngine(), False),
@@ -138,48 +145,32 @@ def method(name: str, w: Workload) -> Callable[[], object]:
     }[name]
 
 
-class FromSumsClock:
-    """Time spent inside gns_sweep.stats.from_sums by the fast engine (wrapped while timing)."""
+def fold(w: Workload, param_moments: bool) -> Callable[[], object]:
+    """What predict does with one micro-batch's sums when it is a whole block: float64 Moments."""
+    layout = param_layout(w.model)
+    sums = FastEngine().batch_sums(w.model, w.inputs, w.targets, w.loss, layout, param_moments=param_moments)
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    def run():
+        acc = SumAccumulator(layout, param_moments=param_moments)
+        acc.add(sums)
+        return acc.moments()
 
-    def __enter__(self) -> FromSumsClock:
-        real = self.real = fast_module.from_sums
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return real(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-        fast_module.from_sums = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fast_module.from_sums = self.real
+    return run
 
 
-def time_ms(fns: dict[str, Callable[[], object]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Median ms per method, and median ms of it inside from_sums; the methods interleaved round by
-    round after warm-up."""
+def time_ms(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median ms per method, the methods interleaved round by round after warm-up."""
     for name, fn in fns.items():
         for _ in range(WARMUP[name]):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    inner: dict[str, list[float]] = {name: [] for name in fns}
-    with FromSumsClock() as clock:
-        for _ in range(max(REPEATS[name] for name in fns)):
-            for name, fn in fns.items():
-                if len(times[name]) < REPEATS[name]:
-                    clock.seconds = 0.0
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
-                    inner[name].append(clock.seconds)
-    median = lambda ts: 1e3 * statistics.median(ts)  # noqa: E731
-    return {k: median(t) for k, t in times.items()}, {k: median(t) for k, t in inner.items()}
+    for _ in range(max(REPEATS[name] for name in fns)):
+        for name, fn in fns.items():
+            if len(times[name]) < REPEATS[name]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(t) for k, t in times.items()}
 
 
 def _status_kb(key: str) -> int:
@@ -215,20 +206,24 @@ def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
     results = {}
     for wname in WORKLOADS:
         w = workload(wname)
-        ms, in_from_sums = time_ms({m: method(m, w) for m in FAST})
+        ms = time_ms({m: method(m, w) for m in (*FAST, *FOLDS.values())})
         slow = workload(wname, SLOW_BATCH[wname])
         for m in SLOW:
-            ms.update(time_ms({m: method(m, slow)})[0])
+            ms.update(time_ms({m: method(m, slow)}))
         row = {}
         for m in METHODS:
             batch = run_batch(wname, m)
             scale = BATCH[wname] / batch  # per-example methods: time and memory linear in the batch
             mem = round(scale * peak_mb(wname, m), 1) if memory else None
             row[m] = {"ms": round(scale * ms[m], 2), "peak_mb": mem, "batch": batch}
-            if m in ("norms", "moments"):
-                row[m]["from_sums_ms"] = round(in_from_sums[m], 2)
+            if m in FOLDS:
+                row[m]["fold_ms"] = round(ms[FOLDS[m]], 2)
+                row[m]["fold_peak_mb"] = round(peak_mb(wname, FOLDS[m]), 1) if memory else None
+        plain_ms = row["plain"]["ms"]
         for r in row.values():
-            r["ratio"] = round(r["ms"] / row["plain"]["ms"], 3)
+            r["ratio"] = round(r["ms"] / plain_ms, 3)
+            if "fold_ms" in r:
+                r["ratio_with_fold"] = round((r["ms"] + r["fold_ms"]) / plain_ms, 3)
         results[wname] = row
     return results
 
@@ -248,11 +243,14 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms and MB scaled to the full batch")
     for wname, row in results.items():
-        print(f"\n{wname} (batch {BATCH[wname]}) {'ms':>8s} {'x plain':>8s} {'peak MB':>8s}  batch  from_sums ms")
+        print(f"\n{wname} (batch {BATCH[wname]})       ms  x plain  peak MB  batch | fold ms  x plain  fold MB")
         for mname, r in row.items():
             mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-            inner = f"{r['from_sums_ms']:.2f}" if "from_sums_ms" in r else ""
-            print(f"  {mname:12s} {r['ms']:9.2f} {r['ratio']:8.2f} {mem:>8s}  {r['batch']:5d}  {inner}")
+            line = f"  {mname:12s} {r['ms']:8.2f} {r['ratio']:8.2f} {mem:>8s}  {r['batch']:5d}"
+            if "fold_ms" in r:
+                fmem = "-" if r["fold_peak_mb"] is None else f"{r['fold_peak_mb']:.1f}"
+                line += f" | {r['fold_ms']:7.2f} {r['ratio_with_fold']:8.2f} {fmem:>8s}"
+            print(line)
 
 
 if __name__ == "__main__":

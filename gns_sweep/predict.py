@@ -22,7 +22,15 @@ from torch import nn
 from gns_sweep import __version__
 from gns_sweep import stats as st
 from gns_sweep.errors import UsageError
-from gns_sweep.per_example import DEFAULT_ENGINE, ENGINES, TOTAL, ParamLayout, get_engine, param_layout
+from gns_sweep.per_example import (
+    DEFAULT_ENGINE,
+    ENGINES,
+    TOTAL,
+    ParamLayout,
+    SumAccumulator,
+    get_engine,
+    param_layout,
+)
 from gns_sweep.per_example.base import refuse_coupled_layers
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 from gns_sweep.runtime import Cluster, Resources, WorkerInfo
@@ -265,21 +273,29 @@ def probe_shard(
     param_moments: bool,
     worker: WorkerInfo,
 ) -> list[tuple[int, st.Moments, float]]:
-    """Runs on a worker: the moments of each of its micro-batches.
+    """Runs on a worker: the moments of its pieces of each block.
 
-    Returns (block index, moments, loss sum) per micro-batch.
+    Consecutive micro-batches of one block are folded into one float64
+    accumulator, so a block costs one conversion to Moments, however many
+    micro-batches it holds. Returns (block index, moments, loss sum) per piece.
     """
     inputs, targets, loss = probe
     model = model.to(worker.device).train()
     refuse_coupled_layers(model)
     layout = param_layout(model)
     eng = get_engine(engine)
-    out = []
+    out: list[tuple[int, st.Moments, float]] = []
+    acc, block = None, None
     for b, lo, hi in units:
+        if b != block:
+            if acc is not None:
+                out.append((block, acc.moments(), acc.loss_sum))
+            acc, block = SumAccumulator(layout, param_moments=param_moments), b
         x = inputs[lo:hi].to(worker.device)
         y = targets[lo:hi].to(worker.device)
-        part = eng.batch_moments(model, x, y, loss, layout, param_moments=param_moments)
-        out.append((b, part.moments, part.loss_sum))
+        acc.add(eng.batch_sums(model, x, y, loss, layout, param_moments=param_moments))
+    if acc is not None:
+        out.append((block, acc.moments(), acc.loss_sum))
     return out
 
 

@@ -55,35 +55,6 @@ def group_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return sums
 
 
-def from_sums(
-    n: int,
-    grad_sum: np.ndarray,
-    sq_norm_sum: np.ndarray,
-    offsets: np.ndarray,
-    param_sq_sum: np.ndarray | None = None,
-) -> Moments:
-    """Moments of one micro-batch from raw sums (what per-layer rules produce).
-
-    grad_sum (P,) = sum_i g_i; sq_norm_sum (G,) = sum_i ||g_i[group]||^2;
-    param_sq_sum (P,) = sum_i g_ik^2. The subtraction here spans one
-    micro-batch only; larger sets are combined with `merge`.
-    """
-    # This runs once per micro-batch over every parameter, so it makes one new (P,)
-    # array (two with param_sq_sum): per-group dot products instead of squared temporaries.
-    offsets = np.asarray(offsets, dtype=np.int64)
-    grad_sum = np.asarray(grad_sum, dtype=np.float64)
-    mean = grad_sum / n
-    # einsum, not np.dot: BLAS threads left spinning after a dot slow the next torch step.
-    sq_of_sum = np.array([np.einsum("i,i->", seg, seg) for seg in np.split(grad_sum, offsets[1:-1])])  # (G,)
-    m2_group = np.asarray(sq_norm_sum, dtype=np.float64) - sq_of_sum / n
-    m2_param = None
-    if param_sq_sum is not None:
-        m2_param = grad_sum * mean  # n * mean^2, per parameter
-        np.subtract(np.asarray(param_sq_sum, dtype=np.float64), m2_param, out=m2_param)
-        np.maximum(m2_param, 0.0, out=m2_param)
-    return Moments(n, mean, np.maximum(m2_group, 0.0), m2_param, offsets)
-
-
 def from_samples(grads: np.ndarray, offsets: np.ndarray, *, param_moments: bool) -> Moments:
     """Moments of explicit per-example gradients grads (N, P), two-pass."""
     grads = np.asarray(grads, dtype=np.float64)

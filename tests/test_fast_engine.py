@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gns_sweep.errors import UsageError
-from gns_sweep.per_example import get_engine, param_layout, shard_moments
+from gns_sweep.per_example import batch_moments, get_engine, param_layout, shard_moments
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.loop import LoopEngine
 from gns_sweep.per_example.rules import find_rule
@@ -61,8 +61,8 @@ def check(model, x, y, loss, *, rtol=1e-9, param_moments=(False, True)):
     """Compare the fast engine with the loop on every Moments field and on loss_sum."""
     layout = param_layout(model)
     for pm in param_moments:
-        fast = FastEngine().batch_moments(model, x, y, loss, layout, param_moments=pm)
-        ref = LoopEngine().batch_moments(model, x, y, loss, layout, param_moments=pm)
+        fast = batch_moments(FastEngine(), model, x, y, loss, layout, param_moments=pm)
+        ref = batch_moments(LoopEngine(), model, x, y, loss, layout, param_moments=pm)
         a, b = fast.moments, ref.moments
         assert a.n == b.n == x.shape[0]
         np.testing.assert_array_equal(a.offsets, b.offsets)
@@ -392,7 +392,7 @@ def test_batchnorm_in_train_mode_is_refused():
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     layout = param_layout(model)
     with pytest.raises(UsageError, match=r"'1'.*BatchNorm1d"):
-        FastEngine().batch_moments(model, x, y, example_ce, layout, param_moments=False)
+        batch_moments(FastEngine(), model, x, y, example_ce, layout, param_moments=False)
     with pytest.raises(UsageError, match=r"'1'.*BatchNorm1d"):
         shard_moments(FastEngine(), model, x, y, example_ce, layout, max_batch=2, param_moments=False)
 
@@ -401,7 +401,7 @@ def test_micro_batches_equal_one_batch():
     model = f64(CharModel())
     ids, y = torch.randint(0, 11, (7, 5)), torch.randint(0, 11, (7, 5))
     layout = param_layout(model)
-    whole = FastEngine().batch_moments(model, ids, y, token_mean_ce, layout, param_moments=True)
+    whole = batch_moments(FastEngine(), model, ids, y, token_mean_ce, layout, param_moments=True)
     parts = shard_moments(get_engine("fast"), model, ids, y, token_mean_ce, layout, max_batch=3, param_moments=True)
     assert parts.moments.n == whole.moments.n == 7
     for field in ("mean", "m2_group", "m2_param"):
@@ -415,8 +415,9 @@ def test_model_grads_and_hooks_left_alone():
     marker = torch.full_like(model.block.weight, 3.0)
     model.block.weight.grad = marker
     engine = FastEngine()
-    for _ in range(2):  # the second call reuses the engine's buffers
-        engine.batch_moments(
+    for _ in range(2):  # a second call on the same engine too
+        batch_moments(
+            engine,
             model,
             torch.randint(0, 7, (3, 4)),
             torch.randint(0, 7, (3, 4)),

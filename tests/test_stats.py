@@ -49,14 +49,6 @@ def test_merge_of_parts_equals_whole(grads, cuts):
     np.testing.assert_allclose(merged.m2_param, whole.m2_param, rtol=1e-12)
 
 
-def test_from_sums_equals_from_samples(grads):
-    sq_norms = st.group_sums((grads**2).sum(0), OFFSETS)
-    a = st.from_sums(len(grads), grads.sum(0), sq_norms, OFFSETS, (grads**2).sum(0))
-    b = st.from_samples(grads, OFFSETS, param_moments=True)
-    np.testing.assert_allclose(a.m2_group, b.m2_group, rtol=1e-10)
-    np.testing.assert_allclose(a.m2_param, b.m2_param, rtol=1e-10, atol=1e-12)
-
-
 def test_subtract_inverts_merge(grads):
     a = st.from_samples(grads[:13], OFFSETS, param_moments=True)
     b = st.from_samples(grads[13:], OFFSETS, param_moments=True)

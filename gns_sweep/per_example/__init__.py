@@ -1,8 +1,9 @@
 """Per-example gradient statistics behind one small interface.
 
-`ENGINES` maps an engine name to its class; `shard_moments` runs an engine over
-a set of examples in micro-batches of at most `max_batch`, so peak memory is
-bounded by the micro-batch, not the probe size.
+`ENGINES` maps an engine name to its class. An engine returns the raw sums of
+one micro-batch (`BatchSums`); `shard_moments` runs it over a set of examples
+in micro-batches of at most `max_batch`, so peak memory is bounded by the
+micro-batch, not the probe size, and folds the sums into float64 Moments.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import GeneralEngine
 from gns_sweep.per_example.layout import ROOT, TOTAL, ParamLayout, param_layout
 from gns_sweep.per_example.loop import LoopEngine
-from gns_sweep.stats import merge_all
+from gns_sweep.per_example.sums import BatchSums, SumAccumulator
 
 ENGINES: dict[str, type] = {"fast": FastEngine, "general": GeneralEngine, "loop": LoopEngine}
 DEFAULT_ENGINE = "fast"
@@ -27,10 +28,13 @@ __all__ = [
     "ROOT",
     "TOTAL",
     "BatchMoments",
+    "BatchSums",
     "Engine",
     "ParamLayout",
     "get_engine",
     "param_layout",
+    "SumAccumulator",
+    "batch_moments",
     "shard_moments",
 ]
 
@@ -53,18 +57,25 @@ def shard_moments(
     max_batch: int,
     param_moments: bool,
 ) -> BatchMoments:
-    """Moments of all given examples, computed in micro-batches and merged."""
+    """Moments of all given examples, computed in micro-batches of at most max_batch."""
     refuse_coupled_layers(model)
-    parts, loss_sum = [], 0.0
+    acc = SumAccumulator(layout, param_moments=param_moments)
     for start in range(0, inputs.shape[0], max_batch):
-        out = engine.batch_moments(
-            model,
-            inputs[start : start + max_batch],
-            targets[start : start + max_batch],
-            loss,
-            layout,
-            param_moments=param_moments,
-        )
-        parts.append(out.moments)
-        loss_sum += out.loss_sum
-    return BatchMoments(merge_all(parts), loss_sum)
+        x, y = inputs[start : start + max_batch], targets[start : start + max_batch]
+        acc.add(engine.batch_sums(model, x, y, loss, layout, param_moments=param_moments))
+    return BatchMoments(acc.moments(), acc.loss_sum)
+
+
+def batch_moments(
+    engine: Engine,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: LossFn,
+    layout: ParamLayout,
+    *,
+    param_moments: bool,
+) -> BatchMoments:
+    """Moments of one micro-batch: all examples in a single engine call."""
+    n = max(1, inputs.shape[0])
+    return shard_moments(engine, model, inputs, targets, loss, layout, max_batch=n, param_moments=param_moments)

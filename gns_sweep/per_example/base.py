@@ -1,4 +1,4 @@
-"""The per-example engine interface: moments of one micro-batch of examples."""
+"""The per-example engine interface: raw gradient sums of one micro-batch of examples."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example.layout import ParamLayout
+from gns_sweep.per_example.sums import BatchSums
 from gns_sweep.stats import Moments
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> (N,)
@@ -18,9 +19,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targe
 
 @dataclass(frozen=True)
 class BatchMoments:
-    """What an engine returns for one micro-batch."""
+    """Moments of a set of examples, with their loss."""
 
-    moments: Moments  # gradient moments over the micro-batch's examples
+    moments: Moments  # gradient moments over the examples
     loss_sum: float  # sum of the per-example losses (for the reported train loss)
 
 
@@ -29,7 +30,7 @@ class Engine(Protocol):
 
     name: str
 
-    def batch_moments(
+    def batch_sums(
         self,
         model: nn.Module,
         inputs: torch.Tensor,
@@ -38,7 +39,7 @@ class Engine(Protocol):
         layout: ParamLayout,
         *,
         param_moments: bool,
-    ) -> BatchMoments: ...
+    ) -> BatchSums: ...
 
 
 _COUPLING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)

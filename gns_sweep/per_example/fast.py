@@ -22,7 +22,8 @@ Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
 whose dim 0 is not the micro-batch size, or whose input is one of the model's
 parameters or buffers, goes to the fallback. Sums over the examples of one
 micro-batch are taken in the model's dtype (they replace the weight-gradient
-matmul, ~1e-7 relative in float32); `from_sums` and merges are float64.
+matmul, ~1e-7 relative in float32) and returned as `BatchSums`; the caller
+folds them into float64 (sums.SumAccumulator).
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gns_sweep.per_example.base import BatchMoments, LossFn, check_losses, refuse_coupled_layers
+from gns_sweep.per_example.base import LossFn, check_losses, refuse_coupled_layers
 from gns_sweep.per_example.general import per_example_grads
 from gns_sweep.per_example.layout import TOTAL, ParamLayout
 from gns_sweep.per_example.rules import Call, ParamStats, Rule, find_rule
 from gns_sweep.per_example.rules.base import stats_of
 from gns_sweep.per_example.rules.outer import CHUNK_BYTES
-from gns_sweep.stats import Moments, from_sums
+from gns_sweep.per_example.sums import BatchSums
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,10 +93,7 @@ class _Plan:
 class FastEngine:
     name = "fast"
 
-    def __init__(self) -> None:
-        self._spare: _Accumulator | None = None  # buffers of the last call, reused by the next micro-batch
-
-    def batch_moments(
+    def batch_sums(
         self,
         model: nn.Module,
         inputs: torch.Tensor,
@@ -104,7 +102,7 @@ class FastEngine:
         layout: ParamLayout,
         *,
         param_moments: bool,
-    ) -> BatchMoments:
+    ) -> BatchSums:
         refuse_coupled_layers(model)
         n = inputs.shape[0]
         named = dict(model.named_parameters())
@@ -120,17 +118,21 @@ class FastEngine:
             uses = plan.uses()
             if uses:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, [u.edge for u in uses], allow_unused=True)
-        acc, self._spare = _Accumulator(layout, param_moments=param_moments, reuse=self._spare), None
+        stats: list[ParamStats | None] = [None] * len(params)  # None: no gradient reached the parameter
         with torch.no_grad():
             for g, (use, local) in plan.single.items():
-                acc.stats(g, use.stats.get(local))  # missing: no gradient reached the output
+                stats[g] = use.stats.get(local)
             for g, multi in plan.multi.items():
-                acc.stats(g, _multi_stats(multi, params[g], n, param_moments=param_moments))
-        if plan.fallback:
-            _fallback(acc, model, inputs, targets, loss, layout, plan.fallback, param_moments=param_moments)
-        m = acc.moments(n)
-        self._spare = acc if acc.reusable_after(m) else None
-        return BatchMoments(m, float(losses.detach().double().sum()))
+                stats[g] = _multi_stats(multi, params[g], n, param_moments=param_moments)
+            if plan.fallback:
+                _fallback(stats, model, inputs, targets, loss, layout, plan.fallback, param_moments=param_moments)
+            return BatchSums(
+                n=n,
+                loss_sum=total.detach(),
+                grad_sum=[None if st is None else st.sum for st in stats],
+                sq_norm_sum=[None if st is None else st.sq_norms.sum(dtype=torch.float64) for st in stats],
+                param_sq_sum=[None if st is None else st.sq_sum for st in stats] if param_moments else None,
+            )
 
 
 def _find_sites(model: nn.Module, group_of: dict[int, int]) -> list[_Site]:
@@ -256,8 +258,8 @@ def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, p
     return ParamStats(total, torch.cat(norms), sq_sum)
 
 
-def _fallback(acc, model, inputs, targets, loss, layout: ParamLayout, groups: list[int], *, param_moments: bool):
-    """torch.func per-example gradients of just these groups; other parameters are held constant."""
+def _fallback(stats, model, inputs, targets, loss, layout: ParamLayout, groups: list[int], *, param_moments: bool):
+    """torch.func per-example gradients of just these groups into `stats`; other parameters are held constant."""
     sizes = tuple(layout.sizes[g] for g in groups)
     sub = ParamLayout(
         names=tuple(layout.names[g] for g in groups),
@@ -267,50 +269,5 @@ def _fallback(acc, model, inputs, targets, loss, layout: ParamLayout, groups: li
         scopes={TOTAL: tuple(range(len(groups)))},
     )
     flat, _ = per_example_grads(model, inputs, targets, loss, sub)  # (B, P_sub)
-    for g, part in zip(groups, flat.double().split(sizes, dim=1), strict=True):
-        acc.stats(g, stats_of(part, param_moments=param_moments))
-
-
-class _Accumulator:
-    """The float64 sums that `from_sums` takes, filled group by group (zero where untouched).
-
-    The (P,) buffers of a previous call are reused when `from_sums` kept no view of
-    them: fresh pages cost about as much as the arithmetic at these sizes."""
-
-    def __init__(self, layout: ParamLayout, *, param_moments: bool, reuse: _Accumulator | None) -> None:
-        p, same = layout.n_params, reuse is not None and reuse.sum.shape == (layout.n_params,)
-        self.offsets = layout.offsets
-        self.sum = reuse.sum if same else np.empty(p)  # (P,) sum_i g_i
-        self.sq = np.zeros(len(layout.names))  # (G,) sum_i ||g_i[group]||^2
-        self.psq = None  # (P,) sum_i g_i^2
-        if param_moments:
-            self.psq = reuse.psq if same and reuse.psq is not None else np.empty(p)
-        self.filled = np.zeros(len(layout.names), dtype=bool)
-
-    def _slot(self, buf: np.ndarray, g: int) -> torch.Tensor:
-        return torch.from_numpy(buf[self.offsets[g] : self.offsets[g + 1]])
-
-    def stats(self, g: int, st: ParamStats | None) -> None:
-        if st is None:
-            return
-        self._slot(self.sum, g).copy_(st.sum.reshape(-1))
-        self.sq[g] = float(st.sq_norms.double().sum())
-        if self.psq is not None:
-            self._slot(self.psq, g).copy_(st.sq_sum.reshape(-1))
-        self.filled[g] = True
-
-    def moments(self, n: int) -> Moments:
-        for g in np.flatnonzero(~self.filled):  # parameters the loss does not reach
-            for buf in (self.sum, self.psq):
-                if buf is not None:
-                    buf[self.offsets[g] : self.offsets[g + 1]] = 0.0
-        return from_sums(n, self.sum, self.sq, self.offsets, self.psq)
-
-    def reusable_after(self, m: Moments) -> bool:
-        """Whether the returned moments hold no view of the buffers."""
-        return not any(
-            np.may_share_memory(out, buf)
-            for out in (m.mean, m.m2_group, m.m2_param)
-            for buf in (self.sum, self.psq)
-            if out is not None and buf is not None
-        )
+    for g, part in zip(groups, flat.split(sizes, dim=1), strict=True):
+        stats[g] = stats_of(part, param_moments=param_moments)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gns_sweep.per_example.base import BatchMoments, LossFn, check_losses
+from gns_sweep.per_example.base import LossFn, check_losses
 from gns_sweep.per_example.layout import ParamLayout
-from gns_sweep.stats import from_samples
+from gns_sweep.per_example.sums import BatchSums, sums_of_samples
 
 
 def per_example_grads(
@@ -41,7 +41,6 @@ def per_example_grads(
 class GeneralEngine:
     name = "general"
 
-    def batch_moments(self, model, inputs, targets, loss, layout, *, param_moments) -> BatchMoments:
+    def batch_sums(self, model, inputs, targets, loss, layout, *, param_moments) -> BatchSums:
         flat, losses = per_example_grads(model, inputs, targets, loss, layout)
-        m = from_samples(flat.double().cpu().numpy(), layout.offsets, param_moments=param_moments)
-        return BatchMoments(m, float(losses.double().sum()))
+        return sums_of_samples(flat, losses, layout, param_moments=param_moments)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gns_sweep.per_example.base import BatchMoments, check_losses
-from gns_sweep.stats import from_samples
+from gns_sweep.per_example.base import check_losses
+from gns_sweep.per_example.sums import BatchSums, sums_of_samples
 
 
 def loop_grads(model, inputs, targets, loss, layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +27,7 @@ def loop_grads(model, inputs, targets, loss, layout) -> tuple[torch.Tensor, torc
 class LoopEngine:
     name = "loop"
 
-    def batch_moments(self, model, inputs, targets, loss, layout, *, param_moments) -> BatchMoments:
+    def batch_sums(self, model, inputs, targets, loss, layout, *, param_moments) -> BatchSums:
         flat, losses = loop_grads(model, inputs, targets, loss, layout)
-        m = from_samples(flat.double().cpu().numpy(), layout.offsets, param_moments=param_moments)
-        return BatchMoments(m, float(losses.double().sum()))
+        # float64 before summing: this is the reference the other engines are tested against
+        return sums_of_samples(flat.double(), losses.double(), layout, param_moments=param_moments)
