@@ -13,6 +13,7 @@ from gns_sweep.per_example import batch_moments, get_engine, param_layout, shard
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.loop import LoopEngine
 from gns_sweep.per_example.rules import find_rule
+from gns_sweep.per_example.rules.base import Scratch
 from gns_sweep.per_example.rules.outer import full_flops, gram_flops, outer_stats
 from gns_sweep.stats import group_sums
 
@@ -126,6 +127,23 @@ def test_gram_and_materialised_agree(t, k, m):
     torch.testing.assert_close(sq_sum, g.square().sum(0))
 
 
+def test_materialised_chunks_reuse_one_buffer_without_aliasing_results(monkeypatch):
+    import gns_sweep.per_example.rules.outer as outer
+
+    torch.manual_seed(2)
+    a, d = torch.randn(7, 1, 9, 6, dtype=torch.float64), torch.randn(7, 1, 9, 16, dtype=torch.float64)
+    g = d.transpose(-1, -2) @ a
+    monkeypatch.setattr(outer, "CHUNK_BYTES", 3 * 16 * 6 * 8)  # chunks of 3, 3 and 1 examples
+    scratch = Scratch()
+    for pm in (False, True):
+        total, sq, sq_sum = outer_stats(a, d, param_moments=pm, empty=scratch.take)
+        scratch.take((7 * 16 * 6,), a).fill_(float("nan"))  # the next user of the buffer
+        torch.testing.assert_close(total[0], g.sum(0)[0])
+        torch.testing.assert_close(sq, g.square().sum((1, 2, 3)))
+        if pm:
+            torch.testing.assert_close(sq_sum, g.square().sum(0))
+
+
 def test_cost_model_picks_gram_only_for_few_positions():
     assert gram_flops(2, 1024, 1024) < full_flops(2, 1024, 1024)
     assert gram_flops(64, 128, 512) > full_flops(64, 128, 512)
@@ -159,9 +177,10 @@ def test_conv(conv, n):
 # --- Embedding ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("vocab", [6, 40])  # dense per-example rows (vocab <= 4 tokens/example), distinct pairs
 @pytest.mark.parametrize("padding_idx", [None, 0])
-def test_embedding_repeats_and_padding(padding_idx):
-    model = seq_model(nn.Embedding(6, 4, padding_idx=padding_idx), nn.Linear(4, 6))
+def test_embedding_repeats_and_padding(padding_idx, vocab):
+    model = seq_model(nn.Embedding(vocab, 4, padding_idx=padding_idx), nn.Linear(4, 6))
     ids = torch.tensor([[1, 1, 2, 0], [0, 0, 0, 0], [3, 5, 3, 3]])  # repeats within an example, an all-padding one
     check(model, ids, torch.randint(0, 6, (3, 4)), token_mean_ce)
 
@@ -203,6 +222,43 @@ def test_norm_layers(make, n):
     model = seq_model(nn.Linear(shape[-1], shape[-1]), norm, nn.Tanh())
     x = torch.randn(n, *shape[1:], dtype=torch.float64)
     check(model, x, torch.randn(n, *shape[1:], dtype=torch.float64), half_sq)
+
+
+def test_layer_norm_reuses_the_forward_statistics(monkeypatch):
+    import gns_sweep.per_example.rules.norm as norm
+
+    found = []
+
+    def spy(call):
+        found.append(real(call))
+        return found[-1]
+
+    real = norm._saved_mean_rstd
+    monkeypatch.setattr(norm, "_saved_mean_rstd", spy)
+    ln = nn.LayerNorm(6)
+    with torch.no_grad():
+        ln.weight.add_(torch.randn(6))
+    model = seq_model(nn.Linear(4, 6), ln, nn.Tanh(), nn.Linear(6, 3))
+    check(model, torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 3, dtype=torch.float64), half_sq)
+    assert found and all(f is not None for f in found)
+
+
+class TwiceNorm(nn.Module):
+    """One LayerNorm applied twice: its per-example gradients are materialised, x_hat recomputed."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.norm(self.proj(x))))
+
+
+def test_layer_norm_called_twice(fallback_names):
+    check(f64(TwiceNorm()), torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 6, dtype=torch.float64),
+          half_sq)  # fmt: skip
+    assert fallback_names == []
 
 
 # --- tied, reused, frozen, fallback ------------------------------------------
@@ -395,6 +451,25 @@ def test_batchnorm_in_train_mode_is_refused():
         batch_moments(FastEngine(), model, x, y, example_ce, layout, param_moments=False)
     with pytest.raises(UsageError, match=r"'1'.*BatchNorm1d"):
         shard_moments(FastEngine(), model, x, y, example_ce, layout, max_batch=2, param_moments=False)
+
+
+def test_engine_follows_the_model_it_is_given():
+    """The engine keeps what it read off a model between calls; a new model or layout is read again,
+    and a BatchNorm switched to train mode is refused even on a model seen before."""
+    engine = FastEngine()
+    torch.manual_seed(3)
+    first = f64(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).eval(), nn.Linear(4, 2)))
+    second = f64(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)))
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    for model in (first, second, first):
+        layout = param_layout(model)
+        got = batch_moments(engine, model, x, y, example_ce, layout, param_moments=True).moments
+        ref = batch_moments(LoopEngine(), model, x, y, example_ce, layout, param_moments=True).moments
+        np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got.m2_group, ref.m2_group, rtol=1e-9)
+    first[1].train()
+    with pytest.raises(UsageError, match=r"'1'.*BatchNorm1d"):
+        batch_moments(engine, first, x, y, example_ce, layout, param_moments=False)
 
 
 def test_micro_batches_equal_one_batch():

@@ -47,10 +47,18 @@ _COUPLING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 def refuse_coupled_layers(model: nn.Module) -> None:
     """Per-example gradients are undefined where a layer mixes examples."""
-    for name, module in model.named_modules():
+    refuse_coupled(coupling_candidates(model))
+
+
+def coupling_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers that couple examples in some modes (BatchNorm), by name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _COUPLING)]
+
+
+def refuse_coupled(candidates: list[tuple[str, nn.Module]]) -> None:
+    for name, module in candidates:
         # BatchNorm without running statistics normalises by the batch even in eval mode.
-        uses_batch_stats = module.training or not getattr(module, "track_running_stats", True)
-        if isinstance(module, _COUPLING) and uses_batch_stats:
+        if module.training or not getattr(module, "track_running_stats", True):
             raise UsageError(
                 f"layer '{name}' ({type(module).__name__}) couples the examples of a batch (it normalises "
                 "by batch statistics), so per-example gradients are undefined; replace it with GroupNorm or "

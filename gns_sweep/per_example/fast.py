@@ -28,6 +28,7 @@ folds them into float64 (sums.SumAccumulator).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,13 +37,26 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from gns_sweep.per_example.base import LossFn, check_losses, refuse_coupled_layers
+from gns_sweep.per_example.base import LossFn, check_losses, coupling_candidates, refuse_coupled
 from gns_sweep.per_example.general import per_example_grads
 from gns_sweep.per_example.layout import TOTAL, ParamLayout
 from gns_sweep.per_example.rules import Call, ParamStats, Rule, find_rule
-from gns_sweep.per_example.rules.base import stats_of
+from gns_sweep.per_example.rules.base import Scratch, stats_of
 from gns_sweep.per_example.rules.outer import CHUNK_BYTES
 from gns_sweep.per_example.sums import BatchSums
+
+
+@dataclass(frozen=True, eq=False)
+class _Static:
+    """What the engine reads off a model and layout once; kept while they stay the same objects."""
+
+    model: weakref.ref  # the model these were read from
+    layout: ParamLayout
+    params: list[torch.Tensor]  # layout order
+    group_of: dict[int, int]  # id(parameter) -> layout group
+    layers: list[tuple[nn.Module, Rule, dict[str, int]]]  # modules with a rule: (module, rule, local name -> group)
+    held: set[int]  # ids of every parameter and buffer of the model
+    coupling: list[tuple[str, nn.Module]]  # BatchNorm layers, re-checked every call (their mode can change)
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +77,7 @@ class _Use:
     x: torch.Tensor | None  # the call's input (None: not a tensor, so no rule applies)
     x_node: object  # autograd node of x at call time (where the call's subgraph ends), or None
     edge: GradientEdge  # where the gradient of the call's output arrives
+    scratch: Scratch  # the engine's reusable buffer for the rule's largest intermediate
     names: tuple[str, ...] = ()  # parameters whose statistics the hook computes (single-use ones)
     param_moments: bool = False
     keep_grad: bool = False  # keep the output gradient for the multi-use path
@@ -71,7 +86,7 @@ class _Use:
 
     def on_grad(self, grad: torch.Tensor) -> None:
         if self.names:
-            call = Call(self.x, grad)
+            call = Call(self.x, grad, self.scratch, self.edge.node)
             self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
         if self.keep_grad:
             self.grad = grad
@@ -91,7 +106,17 @@ class _Plan:
 
 
 class FastEngine:
+    """Rules on one backward pass (see the module docstring).
+
+    The model's structure -- its layers with rules, parameters and buffers -- is read
+    on the first call and kept while the same model and layout objects come back;
+    after replacing layers or parameters of a model, use a new engine."""
+
     name = "fast"
+
+    def __init__(self) -> None:
+        self._scratch = Scratch()  # kept between calls: see rules.base.Scratch
+        self._static: _Static | None = None
 
     def batch_sums(
         self,
@@ -103,40 +128,65 @@ class FastEngine:
         *,
         param_moments: bool,
     ) -> BatchSums:
-        refuse_coupled_layers(model)
+        static = self._read(model, layout)
+        refuse_coupled(static.coupling)
         n = inputs.shape[0]
-        named = dict(model.named_parameters())
-        params = [named[k] for k in layout.names]
-        group_of = {id(p): g for g, p in enumerate(params)}
-        sites = _find_sites(model, group_of)
-        with torch.enable_grad(), _recording(sites):
+        sites = [_Site(module, rule, groups) for module, rule, groups in static.layers]
+        with torch.enable_grad(), _recording(sites, self._scratch):
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            held = {id(t) for t in (*model.parameters(), *model.buffers())}
-            plan = _make_plan(sites, total.grad_fn, group_of, n, held, param_moments=param_moments)
+            plan = _make_plan(sites, total.grad_fn, static.group_of, n, static.held, param_moments=param_moments)
             uses = plan.uses()
             if uses:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, [u.edge for u in uses], allow_unused=True)
-        stats: list[ParamStats | None] = [None] * len(params)  # None: no gradient reached the parameter
+        stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
         with torch.no_grad():
             for g, (use, local) in plan.single.items():
                 stats[g] = use.stats.get(local)
             for g, multi in plan.multi.items():
-                stats[g] = _multi_stats(multi, params[g], n, param_moments=param_moments)
+                stats[g] = _multi_stats(multi, static.params[g], n, param_moments=param_moments)
             if plan.fallback:
                 _fallback(stats, model, inputs, targets, loss, layout, plan.fallback, param_moments=param_moments)
             return BatchSums(
                 n=n,
                 loss_sum=total.detach(),
                 grad_sum=[None if st is None else st.sum for st in stats],
-                sq_norm_sum=[None if st is None else st.sq_norms.sum(dtype=torch.float64) for st in stats],
+                sq_norm_sum=_sq_norm_sums(stats, total),
                 param_sq_sum=[None if st is None else st.sq_sum for st in stats] if param_moments else None,
             )
 
+    def _read(self, model: nn.Module, layout: ParamLayout) -> _Static:
+        s = self._static
+        if s is not None and s.model() is model and s.layout is layout:
+            return s
+        named = dict(model.named_parameters())
+        params = [named[k] for k in layout.names]
+        group_of = {id(p): g for g, p in enumerate(params)}
+        held = {id(t) for t in (*model.parameters(), *model.buffers())}
+        layers = _find_layers(model, group_of)
+        self._static = _Static(weakref.ref(model), layout, params, group_of, layers, held, coupling_candidates(model))
+        return self._static
 
-def _find_sites(model: nn.Module, group_of: dict[int, int]) -> list[_Site]:
-    sites = []
+
+def _sq_norm_sums(stats: list[ParamStats | None], like: torch.Tensor) -> torch.Tensor:
+    """(G,) float64 sum over examples of each group's squared norms, in one reduction when they share a dtype."""
+    present = [g for g, st in enumerate(stats) if st is not None]
+    out = torch.zeros(len(stats), dtype=torch.float64, device=like.device)
+    if not present:
+        return out
+    norms = [stats[g].sq_norms for g in present]
+    if len({t.dtype for t in norms}) == 1:
+        sums = torch.stack(norms).sum(1, dtype=torch.float64)  # (G_present,)
+    else:
+        sums = torch.stack([t.sum(dtype=torch.float64) for t in norms])
+    if len(present) == len(stats):
+        return sums
+    return out.index_copy_(0, torch.tensor(present, device=like.device), sums)
+
+
+def _find_layers(model: nn.Module, group_of: dict[int, int]) -> list[tuple[nn.Module, Rule, dict[str, int]]]:
+    layers = []
     for module in model.modules():
         rule = find_rule(module)
         if rule is None:
@@ -147,12 +197,12 @@ def _find_sites(model: nn.Module, group_of: dict[int, int]) -> list[_Site]:
             if k in rule.param_names and p is not None and id(p) in group_of
         }
         if groups:
-            sites.append(_Site(module, rule, groups))
-    return sites
+            layers.append((module, rule, groups))
+    return layers
 
 
 @contextmanager
-def _recording(sites: list[_Site]):
+def _recording(sites: list[_Site], scratch: Scratch):
     """Forward hooks that record each call of a site and hook its output; all removed on exit."""
     handles = []
 
@@ -162,7 +212,7 @@ def _recording(sites: list[_Site]):
                 return  # nothing trainable reached this output: no contribution
             x = args[0] if args else next(iter(kwargs.values()), None)
             x = x if isinstance(x, torch.Tensor) else None
-            use = _Use(site, x, None if x is None else x.grad_fn, get_gradient_edge(output))
+            use = _Use(site, x, None if x is None else x.grad_fn, get_gradient_edge(output), scratch)
             site.uses.append(use)
             # registered now, before any in-place op on the output, so it sees the output's own gradient
             handles.append(output.register_hook(use.on_grad))

@@ -31,19 +31,20 @@ class BatchSums:
     n: int  # examples
     loss_sum: torch.Tensor  # 0-d, sum of the per-example losses
     grad_sum: Sequence[torch.Tensor | None]  # per group (*param.shape) sum_i g_i
-    sq_norm_sum: Sequence[torch.Tensor | None]  # per group 0-d float64 sum_i ||g_i||^2
+    sq_norm_sum: torch.Tensor  # (G,) float64 sum_i ||g_i[group]||^2, 0 where grad_sum is None
     param_sq_sum: Sequence[torch.Tensor | None] | None  # per group sum_i g_i^2; None unless asked for
 
 
 def sums_of_samples(flat: torch.Tensor, losses: torch.Tensor, layout: ParamLayout, *, param_moments: bool) -> BatchSums:
     """BatchSums of explicit flattened per-example gradients (B, P) in layout order."""
-    parts = flat.split(list(layout.sizes), dim=1)
+    sizes = list(layout.sizes)
+    sq = flat.square().sum(0).split(sizes)  # per group sum_i g_i^2
     return BatchSums(
         n=flat.shape[0],
         loss_sum=losses.detach().sum(),
-        grad_sum=[p.sum(0) for p in parts],
-        sq_norm_sum=[p.square().sum(dtype=torch.float64) for p in parts],
-        param_sq_sum=[p.square().sum(0) for p in parts] if param_moments else None,
+        grad_sum=list(flat.sum(0).split(sizes)),
+        sq_norm_sum=torch.stack([part.sum(dtype=torch.float64) for part in sq]),
+        param_sq_sum=list(sq) if param_moments else None,
     )
 
 
@@ -83,9 +84,7 @@ class SumAccumulator:
             if self._psq is not None:
                 _fold(self._psq_parts[g], s.param_sq_sum[g], fresh)
             self._filled[g] = True
-        if present:  # one op for all groups
-            idx = torch.tensor(present, device=self._sq.device)
-            self._sq.index_add_(0, idx, torch.stack([s.sq_norm_sum[g] for g in present]))
+        self._sq.add_(s.sq_norm_sum)
         self.n += s.n
         self._loss += float(s.loss_sum)
 

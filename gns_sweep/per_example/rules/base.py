@@ -9,10 +9,31 @@ gradients at all, so the rule's sum replaces the usual weight-gradient matmul).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+class Scratch:
+    """One reusable buffer for a rule's largest intermediate (materialised per-example gradients).
+
+    A fresh multi-megabyte tensor is mmapped by the allocator and page-faulted in on
+    every call, which doubled the time of the matmul writing it (measured, CPU); an
+    engine keeps one Scratch, grown as needed, and rules take views of it. A view is
+    valid until the next `take`, so nothing a rule returns may be one.
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buf
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buf = like.new_empty(numel)
+        return buf[:numel].view(shape)
 
 
 @dataclass(frozen=True)
@@ -21,9 +42,15 @@ class Call:
 
     x: torch.Tensor  # the call's input, (B, ...)
     grad: torch.Tensor  # d(sum of losses)/d(output), same shape as the output, (B, ...)
+    scratch: Scratch | None = None  # the engine's reusable buffer, if it has one
+    node: object = None  # the autograd node that made the output, if known (its saved tensors can be reused)
 
     def rows(self, start: int, stop: int) -> Call:
-        return Call(self.x[start:stop], self.grad[start:stop])
+        return Call(self.x[start:stop], self.grad[start:stop], self.scratch)
+
+    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A temporary of this shape: a view of the scratch buffer when there is one."""
+        return like.new_empty(shape) if self.scratch is None else self.scratch.take(shape, like)
 
 
 @dataclass(frozen=True)

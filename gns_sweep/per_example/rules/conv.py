@@ -25,7 +25,8 @@ class ConvRule(Rule):
         out = {}
         if "weight" in names:
             a, d = self._patches(module, call)
-            total, sq, sq_sum = outer_stats(a, d, param_moments=param_moments)  # (g, C_out/g, C_in/g*k), (B,), ...
+            # (g, C_out/g, C_in/g*k), (B,), and the same shape again or None
+            total, sq, sq_sum = outer_stats(a, d, param_moments=param_moments, empty=call.empty)
             shape = module.weight.shape
             out["weight"] = ParamStats(total.reshape(shape), sq, None if sq_sum is None else sq_sum.reshape(shape))
         if "bias" in names:

@@ -1,7 +1,10 @@
 """nn.Embedding: example i's gradient of row v is the sum of d_t over its tokens t with id v.
 
 Tokens repeated within one example add up before squaring, so the rows are
-first summed per (example, token id) pair. The padding_idx row gets no gradient.
+first summed per (example, token id) pair: for a small vocabulary by scattering
+into the dense per-example gradients (B, V, D), which fit in a reused buffer;
+otherwise over the distinct pairs only (a sort). The padding_idx row gets no
+gradient.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from gns_sweep.per_example.rules.base import Call, ParamStats, Rule
+from gns_sweep.per_example.rules.outer import CHUNK_BYTES
 
 
 class EmbeddingRule(Rule):
@@ -22,6 +26,14 @@ class EmbeddingRule(Rule):
     def stats(self, module, call: Call, names, *, param_moments: bool) -> dict[str, ParamStats]:
         n, vocab = call.x.shape[0], module.num_embeddings
         keys, d = _keys_and_grads(module, call)  # (B*T,), (B*T, D)
+        if n * vocab * d.shape[1] * d.element_size() <= CHUNK_BYTES and vocab <= 4 * keys.shape[0] // max(n, 1):
+            # dense: a zero fill and a scatter instead of a sort, when there are not many more rows than tokens
+            g = call.empty((n * vocab, d.shape[1]), d).zero_().index_add_(0, keys, d).view(n, vocab, -1)
+            total = g.sum(0)
+            if not param_moments:
+                return {"weight": ParamStats(total, torch.linalg.vector_norm(g.view(n, -1), dim=1).square_(), None)}
+            g2 = g.square_()
+            return {"weight": ParamStats(total, g2.view(n, -1).sum(1), g2.sum(0))}
         pairs, inverse = torch.unique(keys, return_inverse=True)  # (U,) distinct (example, id) pairs
         rows = d.new_zeros(pairs.shape[0], d.shape[1]).index_add_(0, inverse, d)  # (U, D) per-pair gradient rows
         ids = pairs % vocab  # (U,)

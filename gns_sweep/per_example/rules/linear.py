@@ -30,7 +30,7 @@ class LinearRule(Rule):
             return out
         a, dd = _positions(x, d)
         if "weight" in names:
-            total, sq, sq_sum = outer_stats(a[:, None], dd[:, None], param_moments=param_moments)
+            total, sq, sq_sum = outer_stats(a[:, None], dd[:, None], param_moments=param_moments, empty=call.empty)
             out["weight"] = ParamStats(total[0], sq, None if sq_sum is None else sq_sum[0])
         if "bias" in names:
             s = dd.sum(1)  # (B, out) per-example bias gradients

@@ -13,12 +13,15 @@ has no Gram form, so it always materialises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-# Examples are processed in chunks whose largest intermediate is about this size: small enough to stay
-# in cache between the matmul and the reductions that read it (measured faster than one big batch on
-# CPU), and a bound on the extra memory.
-CHUNK_BYTES = 1 << 22
+# Examples are processed in chunks whose materialised gradients take at most about this many bytes: a
+# bound on the extra memory. Fewer, larger chunks were faster on CPU once the buffer is reused.
+CHUNK_BYTES = 1 << 23
+
+Empty = Callable[[tuple[int, ...], torch.Tensor], torch.Tensor]  # (shape, like) -> a temporary
 
 
 def gram_flops(t: int, k: int, m: int) -> int:
@@ -37,9 +40,11 @@ def chunks(n: int, per_example_bytes: int):
 
 
 def outer_stats(
-    a: torch.Tensor, d: torch.Tensor, *, param_moments: bool
+    a: torch.Tensor, d: torch.Tensor, *, param_moments: bool, empty: Empty | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """a (B, C, T, K), d (B, C, T, M) -> sum_b G_b (C, M, K), ||G_b||^2 (B,), and sum_b G_b^2 (C, M, K) if asked."""
+    """a (B, C, T, K), d (B, C, T, M) -> sum_b G_b (C, M, K), ||G_b||^2 (B,), and sum_b G_b^2 (C, M, K) if asked.
+
+    `empty` makes the materialised chunk (e.g. Call.empty, a reused buffer); default: a fresh tensor."""
     t, k, m = a.shape[2], a.shape[3], d.shape[3]
     if t == 1:  # rank one: ||d a^T||^2 = ||a||^2 ||d||^2, and sum_b G_b^2 = (d^2)^T (a^2)
         a1, d1 = a[:, :, 0], d[:, :, 0]  # (B, C, K), (B, C, M)
@@ -48,7 +53,11 @@ def outer_stats(
         return torch.einsum("bcm,bck->cmk", d1, a1), (a2.sum(-1) * d2.sum(-1)).sum(1), sq_sum
     if not param_moments and gram_flops(t, k, m) < full_flops(t, k, m):
         return torch.einsum("bctm,bctk->cmk", d, a), _gram_sq_norms(a, d), None
-    return _materialised_stats(a, d, param_moments=param_moments)
+    return _materialised_stats(a, d, param_moments=param_moments, empty=empty or _fresh)
+
+
+def _fresh(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(shape)
 
 
 def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -61,25 +70,27 @@ def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _materialised_stats(a: torch.Tensor, d: torch.Tensor, *, param_moments: bool):
+def _materialised_stats(a: torch.Tensor, d: torch.Tensor, *, param_moments: bool, empty: Empty):
     b, c, t, k = a.shape
     m = d.shape[-1]
     a3, d3 = a.reshape(b * c, t, k), d.reshape(b * c, t, m).transpose(1, 2)  # (B*C, T, K), (B*C, M, T)
-    total = a.new_zeros(c, m, k)
-    sq_sum = a.new_zeros(c, m, k) if param_moments else None
+    total = sq_sum = None
     norms = a.new_empty(b)
-    buf = None
     for s, e in chunks(b, c * m * k * a.element_size()):
-        if buf is None or buf.shape[0] != (e - s) * c:  # one buffer for all chunks (the last may be shorter)
-            buf = a.new_empty((e - s) * c, m, k)
-        g = torch.bmm(d3[s * c : e * c], a3[s * c : e * c], out=buf).view(e - s, c, m, k)
-        total.add_(g.sum(0))
+        g = torch.bmm(d3[s * c : e * c], a3[s * c : e * c], out=empty(((e - s) * c, m, k), a))
+        g = g.view(e - s, c, m, k)
+        part = g.sum(0)
+        total = part if total is None else total.add_(part)
         if param_moments:
             g2 = g.square_()
             torch.sum(g2.view(e - s, -1), 1, out=norms[s:e])
-            sq_sum.add_(g2.sum(0))
+            part = g2.sum(0)
+            sq_sum = part if sq_sum is None else sq_sum.add_(part)
         else:  # the norm kernel reads g once, with no squared copy
             norms[s:e] = torch.linalg.vector_norm(g.view(e - s, -1), dim=1).square_()
+    if total is None:  # no examples
+        total = a.new_zeros(c, m, k)
+        sq_sum = total.clone() if param_moments else None
     return total, norms, sq_sum
 
 
