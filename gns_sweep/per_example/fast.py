@@ -139,7 +139,7 @@ class FastEngine:
             plan = _make_plan(sites, total.grad_fn, static.group_of, n, static.held, param_moments=param_moments)
             uses = plan.uses()
             if uses:  # the rules run in the output hooks; the returned gradients are not needed
-                torch.autograd.grad(total, [u.edge for u in uses], allow_unused=True)
+                torch.autograd.grad(total, _lowest_edges(uses), allow_unused=True)
         stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
         with torch.no_grad():
             for g, (use, local) in plan.single.items():
@@ -287,6 +287,33 @@ def _make_plan(
             for use, _ in multi[g]:
                 use.keep_grad = True
     return _Plan(single, multi, fallback)
+
+
+def _lowest_edges(uses: list[_Use]) -> list[GradientEdge]:
+    """The edges of the uses with no other use below them in the graph.
+
+    Autograd runs every node between the loss and the edges it is asked for, so the
+    node of a use with another use below it runs anyway, and its output hook fires
+    then. Asking for the lowest edges only keeps autograd from holding each layer's
+    output gradient until the end of the backward (measured a few % of a step)."""
+    targets = {u.edge.node for u in uses}
+    reach: dict[object, bool] = {}  # node -> some target is this node or below it (post-order DFS)
+    for start in targets:
+        if start in reach:
+            continue
+        stack = [(start, iter(start.next_functions))]
+        reach[start] = False  # on the stack; a DAG never meets it again before it is done
+        while stack:
+            node, children = stack[-1]
+            for child, _ in children:
+                if child is not None and child not in reach:
+                    reach[child] = False
+                    stack.append((child, iter(child.next_functions)))
+                    break
+            else:
+                stack.pop()
+                reach[node] = node in targets or any(reach[c] for c, _ in node.next_functions if c is not None)
+    return [u.edge for u in uses if not any(reach[c] for c, _ in u.edge.node.next_functions if c is not None)]
 
 
 def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, param_moments: bool):
