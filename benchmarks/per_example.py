@@ -10,7 +10,10 @@ per-parameter sums of squares, in float32 torch. predict then folds them into
 float64 and makes Moments once per jackknife block (SumAccumulator; with the
 default probe of 4096, 16 blocks and --max-batch 256, once per micro-batch).
 That is reported beside them: "fold_ms" (median time of one add + moments),
-"ratio_with_fold" = (ms + fold_ms) / plain ms, and "fold_peak_mb".
+"ratio_with_fold" = (ms + fold_ms) / plain ms, and "fold_peak_mb". norms also
+reports "probe_8x_peak_mb": the peak of shard_moments over 8 batches' worth of
+examples in micro-batches of one batch, folded into one float64 accumulator --
+about the same as one batch, as peak memory is bounded by --max-batch.
 
 Workloads: `mlp` (784-512-512-10, ReLU, batch 256, cross-entropy) and
 `transformer` (char model: vocab 96, width 128, 2 blocks of LayerNorm + MLP
@@ -56,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gns_sweep.per_example import SumAccumulator, param_layout
+from gns_sweep.per_example import SumAccumulator, param_layout, shard_moments
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import GeneralEngine
 from gns_sweep.per_example.loop import LoopEngine
@@ -120,7 +123,12 @@ def workload(name: str, batch: int | None = None) -> Workload:
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 
 
+PROBE = "probe_8x"  # memory only: norms over 8 batches' examples in micro-batches of one batch, folded
+
+
 def run_batch(workload_name: str, method_name: str) -> int:
+    if method_name == PROBE:
+        return 8 * BATCH[workload_name]
     return SLOW_BATCH[workload_name] if method_name in SLOW else BATCH[workload_name]
 
 
@@ -136,6 +144,11 @@ def method(name: str, w: Workload) -> Callable[[], object]:
 
     if name in FOLDS.values():
         return fold(w, param_moments=name == FOLDS["moments"])
+    if name == PROBE:
+        batch = len(w.inputs) // 8
+        return lambda: shard_moments(
+            FastEngine(), w.model, w.inputs, w.targets, w.loss, layout, max_batch=batch, param_moments=False
+        )
     return {
         "plain": plain,
         "norms": engine(FastEngine(), False),
@@ -219,6 +232,8 @@ def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
             if m in FOLDS:
                 row[m]["fold_ms"] = round(ms[FOLDS[m]], 2)
                 row[m]["fold_peak_mb"] = round(peak_mb(wname, FOLDS[m]), 1) if memory else None
+            if m == "norms":  # peak memory does not grow with the probe: micro-batches are folded as they come
+                row[m]["probe_8x_peak_mb"] = round(peak_mb(wname, PROBE), 1) if memory else None
         plain_ms = row["plain"]["ms"]
         for r in row.values():
             r["ratio"] = round(r["ms"] / plain_ms, 3)
@@ -250,6 +265,8 @@ def main() -> None:
             if "fold_ms" in r:
                 fmem = "-" if r["fold_peak_mb"] is None else f"{r['fold_peak_mb']:.1f}"
                 line += f" | {r['fold_ms']:7.2f} {r['ratio_with_fold']:8.2f} {fmem:>8s}"
+            if r.get("probe_8x_peak_mb") is not None:
+                line += f"   (8x the examples in micro-batches: {r['probe_8x_peak_mb']:.1f} MB)"
             print(line)
 
 

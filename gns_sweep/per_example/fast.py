@@ -47,6 +47,15 @@ from gns_sweep.per_example.sums import BatchSums
 
 
 @dataclass(frozen=True, eq=False)
+class _Site:
+    """A module with a rule and some trainable parameters it understands."""
+
+    module: nn.Module
+    rule: Rule
+    groups: dict[str, int]  # local parameter name -> layout group index
+
+
+@dataclass(frozen=True, eq=False)
 class _Static:
     """What the engine reads off a model and layout once; kept while they stay the same objects."""
 
@@ -54,19 +63,9 @@ class _Static:
     layout: ParamLayout
     params: list[torch.Tensor]  # layout order
     group_of: dict[int, int]  # id(parameter) -> layout group
-    layers: list[tuple[nn.Module, Rule, dict[str, int]]]  # modules with a rule: (module, rule, local name -> group)
+    sites: list[_Site]  # the modules with a rule
     held: set[int]  # ids of every parameter and buffer of the model
     coupling: list[tuple[str, nn.Module]]  # BatchNorm layers, re-checked every call (their mode can change)
-
-
-@dataclass(frozen=True, eq=False)
-class _Site:
-    """A module with a rule and some trainable parameters it understands."""
-
-    module: nn.Module
-    rule: Rule
-    groups: dict[str, int]  # local parameter name -> layout group index
-    uses: list[_Use] = field(default_factory=list)  # calls seen in this forward
 
 
 @dataclass(eq=False)
@@ -131,12 +130,12 @@ class FastEngine:
         static = self._read(model, layout)
         refuse_coupled(static.coupling)
         n = inputs.shape[0]
-        sites = [_Site(module, rule, groups) for module, rule, groups in static.layers]
-        with torch.enable_grad(), _recording(sites, self._scratch):
+        calls: list[_Use] = []  # filled by the forward hooks
+        with torch.enable_grad(), _recording(static.sites, calls, self._scratch):
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            plan = _make_plan(sites, total.grad_fn, static.group_of, n, static.held, param_moments=param_moments)
+            plan = _make_plan(static, calls, total.grad_fn, n, param_moments=param_moments)
             uses = plan.uses()
             if uses:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, _lowest_edges(uses), allow_unused=True)
@@ -164,8 +163,8 @@ class FastEngine:
         params = [named[k] for k in layout.names]
         group_of = {id(p): g for g, p in enumerate(params)}
         held = {id(t) for t in (*model.parameters(), *model.buffers())}
-        layers = _find_layers(model, group_of)
-        self._static = _Static(weakref.ref(model), layout, params, group_of, layers, held, coupling_candidates(model))
+        sites = _find_sites(model, group_of)
+        self._static = _Static(weakref.ref(model), layout, params, group_of, sites, held, coupling_candidates(model))
         return self._static
 
 
@@ -185,8 +184,8 @@ def _sq_norm_sums(stats: list[ParamStats | None], like: torch.Tensor) -> torch.T
     return out.index_copy_(0, torch.tensor(present, device=like.device), sums)
 
 
-def _find_layers(model: nn.Module, group_of: dict[int, int]) -> list[tuple[nn.Module, Rule, dict[str, int]]]:
-    layers = []
+def _find_sites(model: nn.Module, group_of: dict[int, int]) -> list[_Site]:
+    sites = []
     for module in model.modules():
         rule = find_rule(module)
         if rule is None:
@@ -197,13 +196,14 @@ def _find_layers(model: nn.Module, group_of: dict[int, int]) -> list[tuple[nn.Mo
             if k in rule.param_names and p is not None and id(p) in group_of
         }
         if groups:
-            layers.append((module, rule, groups))
-    return layers
+            sites.append(_Site(module, rule, groups))
+    return sites
 
 
 @contextmanager
-def _recording(sites: list[_Site], scratch: Scratch):
-    """Forward hooks that record each call of a site and hook its output; all removed on exit."""
+def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
+    """Forward hooks that record each call of a site into `calls` and hook its output; all removed on exit
+    (which also breaks the output node -> hook -> call cycle, so each call's graph is freed at once)."""
     handles = []
 
     def recorder(site: _Site):
@@ -213,7 +213,7 @@ def _recording(sites: list[_Site], scratch: Scratch):
             x = args[0] if args else next(iter(kwargs.values()), None)
             x = x if isinstance(x, torch.Tensor) else None
             use = _Use(site, x, None if x is None else x.grad_fn, get_gradient_edge(output), scratch)
-            site.uses.append(use)
+            calls.append(use)
             # registered now, before any in-place op on the output, so it sees the output's own gradient
             handles.append(output.register_hook(use.on_grad))
 
@@ -248,30 +248,28 @@ def _param_edges(root, group_of: dict[int, int], stop=None) -> tuple[dict[int, i
     return counts, seen
 
 
-def _make_plan(
-    sites: list[_Site], root, group_of: dict[int, int], n: int, held: set[int], *, param_moments: bool
-) -> _Plan:
-    """Route each group (see the module docstring); `held` are ids of the model's parameters and buffers."""
-    n_groups = len(group_of)
+def _make_plan(static: _Static, calls: list[_Use], root, n: int, *, param_moments: bool) -> _Plan:
+    """Route each group (see the module docstring)."""
+    group_of, n_groups = static.group_of, len(static.params)
     total, seen = _param_edges(root, group_of) if root is not None else ({}, set())
     uses: dict[int, list[tuple[_Use, str]]] = {g: [] for g in range(n_groups)}
-    owned, bad = set(), set()
-    for site in sites:
-        owned.update(site.groups.values())
-        for use in site.uses:
-            if use.edge.node not in seen:
-                continue  # this call's output does not reach the loss
-            # a parameter or buffer as input has no example dimension, whatever its size
-            if use.x is None or id(use.x) in held or not site.rule.accepts(site.module, use.x, n):
-                bad.update(site.groups.values())
-                continue
-            edges, _ = _param_edges(use.edge.node, group_of, stop=use.x_node)
-            for local, g in site.groups.items():
-                k = edges.get(g, 0)
-                if k > 1:  # the rule's formula assumes one use per call
-                    bad.add(g)
-                elif k == 1:
-                    uses[g].append((use, local))
+    owned = {g for site in static.sites for g in site.groups.values()}
+    bad = set()
+    for use in calls:
+        site = use.site
+        if use.edge.node not in seen:
+            continue  # this call's output does not reach the loss
+        # a parameter or buffer as input has no example dimension, whatever its size
+        if use.x is None or id(use.x) in static.held or not site.rule.accepts(site.module, use.x, n):
+            bad.update(site.groups.values())
+            continue
+        edges, _ = _param_edges(use.edge.node, group_of, stop=use.x_node)
+        for local, g in site.groups.items():
+            k = edges.get(g, 0)
+            if k > 1:  # the rule's formula assumes one use per call
+                bad.add(g)
+            elif k == 1:
+                uses[g].append((use, local))
     single, multi, fallback = {}, {}, []
     for g in range(n_groups):
         if total.get(g, 0) == 0:
