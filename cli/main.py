@@ -6,6 +6,8 @@ import typer
 from gns_sweep_cli import predict as predict_cmd
 from gns_sweep_cli import tasks as tasks_cmd
 
+from gns_sweep.allocator import keep_freed_memory
+
 app = typer.Typer(
     name="gns-sweep",
     help="Predict the critical batch size from gradient noise (predict), measure it (empirical), compare them.",
@@ -35,6 +37,7 @@ _register_optional()
 
 
 def main() -> None:
+    keep_freed_memory()  # this process runs training loops (predict's reference run): see gns_sweep.allocator
     app()
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gns_sweep.allocator import keep_freed_memory
 from gns_sweep.errors import GnsError, Interrupted, RunError, UsageError
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 
@@ -243,6 +244,7 @@ def _run_on_worker(fn: Callable[..., Any], threads: int, call: dict[str, Any]) -
     import torch
 
     torch.set_num_threads(threads)
+    keep_freed_memory()  # workers only run gns-sweep's loops: reuse freed tensors instead of page-faulting
     # Shared objects travel as handles inside the call; fetch them here (cached per node).
     call = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in call.items()}
     device = "cuda" if ray.get_gpu_ids() else "cpu"
