@@ -3,7 +3,8 @@
     python benchmarks/sweep_parallel.py [--address HOST:PORT] [--trials 16]
 
 Prints both wall times and their ratio (goal on 2 cores: >= 1.7). Both runs use
-one torch thread per trial, as a 1-CPU Ray trial does.
+one torch thread per trial, as a 1-CPU Ray trial does, and the same malloc
+setting (gns_sweep.allocator, which Ray tasks apply).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+from gns_sweep.allocator import keep_freed_memory
 from gns_sweep.empirical import TrialSpec, run_trial, trial_id
 from gns_sweep.runtime import Cluster, ClusterConfig, Resources, WorkerInfo
 from gns_sweep.tasks import load_task
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--budget-examples", type=int, default=48_000, help="per trial; ~1.5 s each at batch 16")
     parser.add_argument("--repeats", type=int, default=3, help="each mode this many times; medians are compared")
     args = parser.parse_args()
+    keep_freed_memory()  # as in the Ray tasks, so the in-process baseline is not slowed by page faults
 
     task = load_task(args.task)
     lrs = [0.05 * (1.1**k) for k in range(args.trials)]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -98,10 +98,24 @@ class _Plan:
     single: dict[int, tuple[_Use, str]]  # one call of one rule layer, and the local parameter name
     multi: dict[int, list[tuple[_Use, str]]]  # several calls: materialise and sum
     fallback: list[int]  # torch.func
+    below: dict[object, bool] = field(default_factory=dict)  # graph node -> a planned call's node is it or below
 
     def uses(self) -> list[_Use]:
         found = [u for u, _ in self.single.values()] + [u for us in self.multi.values() for u, _ in us]
         return list({id(u): u for u in found}.values())
+
+    def lowest_edges(self) -> list[GradientEdge]:
+        """The output edges of the planned calls with no other planned call below them.
+
+        Autograd runs every node between the loss and the edges it is asked for, so the
+        node of a call with another call below it runs anyway, and its output hook fires
+        then. Asking for the lowest edges only keeps autograd from holding each layer's
+        output gradient until the end of the backward."""
+        return [
+            u.edge
+            for u in self.uses()
+            if not any(self.below.get(c, False) for c, _ in u.edge.node.next_functions if c is not None)
+        ]
 
 
 class FastEngine:
@@ -138,7 +152,7 @@ class FastEngine:
             plan = _make_plan(static, calls, total.grad_fn, n, param_moments=param_moments)
             uses = plan.uses()
             if uses:  # the rules run in the output hooks; the returned gradients are not needed
-                torch.autograd.grad(total, _lowest_edges(uses), allow_unused=True)
+                torch.autograd.grad(total, plan.lowest_edges(), allow_unused=True)
         stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
         with torch.no_grad():
             for g, (use, local) in plan.single.items():
@@ -228,48 +242,54 @@ def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
             h.remove()
 
 
-def _param_edges(root, group_of: dict[int, int], stop=None) -> tuple[dict[int, int], set]:
-    """Edges into each group's AccumulateGrad node reachable from `root` without passing `stop`,
-    and the nodes visited."""
+def _walk(root, group_of: dict[int, int], targets: set) -> tuple[dict[int, int], dict[object, bool]]:
+    """One depth-first pass over the graph below `root`: the number of edges into each group's
+    AccumulateGrad node, and for every node visited whether some target node is it or below it."""
     counts: dict[int, int] = {}
-    seen, stack = {root}, [root]
+    below: dict[object, bool] = {root: False}  # False until the node is finished (post-order)
+    stack = [(root, iter(root.next_functions))]
     while stack:
-        for nxt, _ in stack.pop().next_functions:
-            if nxt is None or nxt is stop:
+        node, children = stack[-1]
+        for child, _ in children:
+            if child is None:
                 continue
-            var = getattr(nxt, "variable", None)  # set only on AccumulateGrad nodes
+            var = getattr(child, "variable", None)  # set only on AccumulateGrad nodes
             if var is not None:
                 g = group_of.get(id(var))
                 if g is not None:
                     counts[g] = counts.get(g, 0) + 1
-            elif nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return counts, seen
+            elif child not in below:  # a DAG never meets an unfinished node again
+                below[child] = False
+                stack.append((child, iter(child.next_functions)))
+                break
+        else:
+            stack.pop()
+            below[node] = node in targets or any(below.get(c, False) for c, _ in node.next_functions if c is not None)
+    return counts, below
 
 
 def _make_plan(static: _Static, calls: list[_Use], root, n: int, *, param_moments: bool) -> _Plan:
-    """Route each group (see the module docstring)."""
+    """Route each group (see the module docstring).
+
+    A call of a layer with a rule that reaches the loss uses each of the layer's parameters exactly
+    once (true of every registered layer's own forward), so counting reaching calls per parameter
+    and comparing with the edges into its AccumulateGrad node finds any use outside them."""
     group_of, n_groups = static.group_of, len(static.params)
-    total, seen = _param_edges(root, group_of) if root is not None else ({}, set())
+    targets = {use.edge.node for use in calls}
+    total, below = _walk(root, group_of, targets) if root is not None else ({}, {})
     uses: dict[int, list[tuple[_Use, str]]] = {g: [] for g in range(n_groups)}
     owned = {g for site in static.sites for g in site.groups.values()}
     bad = set()
     for use in calls:
         site = use.site
-        if use.edge.node not in seen:
+        if use.edge.node not in below:
             continue  # this call's output does not reach the loss
         # a parameter or buffer as input has no example dimension, whatever its size
         if use.x is None or id(use.x) in static.held or not site.rule.accepts(site.module, use.x, n):
             bad.update(site.groups.values())
             continue
-        edges, _ = _param_edges(use.edge.node, group_of, stop=use.x_node)
         for local, g in site.groups.items():
-            k = edges.get(g, 0)
-            if k > 1:  # the rule's formula assumes one use per call
-                bad.add(g)
-            elif k == 1:
-                uses[g].append((use, local))
+            uses[g].append((use, local))
     single, multi, fallback = {}, {}, []
     for g in range(n_groups):
         if total.get(g, 0) == 0:
@@ -284,34 +304,10 @@ def _make_plan(static: _Static, calls: list[_Use], root, n: int, *, param_moment
             multi[g] = uses[g]
             for use, _ in multi[g]:
                 use.keep_grad = True
-    return _Plan(single, multi, fallback)
-
-
-def _lowest_edges(uses: list[_Use]) -> list[GradientEdge]:
-    """The edges of the uses with no other use below them in the graph.
-
-    Autograd runs every node between the loss and the edges it is asked for, so the
-    node of a use with another use below it runs anyway, and its output hook fires
-    then. Asking for the lowest edges only keeps autograd from holding each layer's
-    output gradient until the end of the backward (measured a few % of a step)."""
-    targets = {u.edge.node for u in uses}
-    reach: dict[object, bool] = {}  # node -> some target is this node or below it (post-order DFS)
-    for start in targets:
-        if start in reach:
-            continue
-        stack = [(start, iter(start.next_functions))]
-        reach[start] = False  # on the stack; a DAG never meets it again before it is done
-        while stack:
-            node, children = stack[-1]
-            for child, _ in children:
-                if child is not None and child not in reach:
-                    reach[child] = False
-                    stack.append((child, iter(child.next_functions)))
-                    break
-            else:
-                stack.pop()
-                reach[node] = node in targets or any(reach[c] for c, _ in node.next_functions if c is not None)
-    return [u.edge for u in uses if not any(reach[c] for c, _ in u.edge.node.next_functions if c is not None)]
+    planned = _Plan(single, multi, fallback)
+    if {u.edge.node for u in planned.uses()} != {n for n in targets if n in below}:
+        _, below = _walk(root, {}, {u.edge.node for u in planned.uses()})  # a call left out: recount
+    return replace(planned, below=below)
 
 
 def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, param_moments: bool):

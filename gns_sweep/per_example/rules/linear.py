@@ -17,16 +17,19 @@ class LinearRule(Rule):
         x, d = call.x, call.grad
         out: dict[str, ParamStats] = {}
         if x.dim() == 2:  # one position per example: ||g_i||^2 = ||x_i||^2 ||d_i||^2, sum_i g_i^2 = (d^2)^T (x^2)
-            d2 = d.square()  # (B, out)
-            d_norms = d2.sum(1)  # (B,)
-            if "weight" in names:
-                if param_moments:
-                    x2 = x.square()  # (B, in)
+            if param_moments:
+                d2, x2 = d.square(), x.square()  # (B, out), (B, in)
+                d_norms = d2.sum(1)  # (B,)
+                if "weight" in names:
                     out["weight"] = ParamStats(d.T @ x, x2.sum(1) * d_norms, d2.T @ x2)
-                else:  # no (B, in) squared copy
-                    out["weight"] = ParamStats(d.T @ x, torch.linalg.vector_norm(x, dim=1).square_() * d_norms, None)
+                if "bias" in names:
+                    out["bias"] = ParamStats(d.sum(0), d_norms, d2.sum(0))
+                return out
+            d_norms = torch.linalg.vector_norm(d, dim=1).square_()  # (B,), with no squared copy of d or x
+            if "weight" in names:
+                out["weight"] = ParamStats(d.T @ x, torch.linalg.vector_norm(x, dim=1).square_() * d_norms, None)
             if "bias" in names:
-                out["bias"] = ParamStats(d.sum(0), d_norms, d2.sum(0) if param_moments else None)
+                out["bias"] = ParamStats(d.sum(0), d_norms, None)
             return out
         a, dd = _positions(x, d)
         if "weight" in names:
