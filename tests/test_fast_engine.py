@@ -431,13 +431,53 @@ class CharModel(nn.Module):
         return self.out(self.final(h))
 
 
-def test_float32_agrees_to_1e5(fallback_names):
+def test_float32_agrees_to_1e5(fallback_names, monkeypatch):
+    import gns_sweep.per_example.rules.embedding as embedding
+    import gns_sweep.per_example.rules.outer as outer
+
+    taken = spy(monkeypatch, outer, "_gram_sq_norms", "_materialised_stats")
+    taken_by_embedding = spy(monkeypatch, embedding, "_dense", "_by_pairs")
     torch.manual_seed(0)
     check(CharModel(), torch.randint(0, 11, (6, 12)), torch.randint(0, 11, (6, 12)), token_mean_ce, rtol=1e-5)
-    assert fallback_names == []
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(128, 5))
     check(conv, torch.randn(5, 3, 4, 4), torch.randint(0, 5, (5,)), example_ce, rtol=1e-5)
+    torch.manual_seed(0)
+    check(OtherPaths().eval(), torch.randint(0, 60, (4, 2)), torch.randint(0, 3, (4,)), example_ce, rtol=1e-5)
+    assert fallback_names == []
+    assert all(taken.values()) and all(taken_by_embedding.values()), (taken, taken_by_embedding)  # every path ran
+
+
+def spy(monkeypatch, module, *names) -> dict[str, int]:
+    """Count the calls of module-level functions."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+class OtherPaths(nn.Module):
+    """The rules and paths CharModel misses: Embedding by distinct pairs (vocab > 4x tokens), Linear in
+    Gram form (2 wide positions), Conv1d, BatchNorm in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(60, 64)
+        self.wide = nn.Linear(64, 64)
+        self.conv = nn.Conv1d(64, 6, 2)
+        self.bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.wide(self.embed(ids)))  # (B, 2, 64)
+        h = self.bn(self.conv(h.transpose(1, 2)))  # (B, 6, 1)
+        return self.out(h.flatten(1))
 
 
 # --- guards and plumbing ------------------------------------------------------
