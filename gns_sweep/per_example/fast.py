@@ -150,9 +150,9 @@ class FastEngine:
             check_losses(losses, n)
             total = losses.sum()
             plan = _make_plan(static, calls, total.grad_fn, n, param_moments=param_moments)
-            uses = plan.uses()
-            if uses:  # the rules run in the output hooks; the returned gradients are not needed
-                torch.autograd.grad(total, plan.lowest_edges(), allow_unused=True)
+            edges = plan.lowest_edges()
+            if edges:  # the rules run in the output hooks; the returned gradients are not needed
+                torch.autograd.grad(total, edges, allow_unused=True)
         stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
         with torch.no_grad():
             for g, (use, local) in plan.single.items():
@@ -185,9 +185,8 @@ class FastEngine:
 def _sq_norm_sums(stats: list[ParamStats | None], like: torch.Tensor) -> torch.Tensor:
     """(G,) float64 sum over examples of each group's squared norms, in one reduction when they share a dtype."""
     present = [g for g, st in enumerate(stats) if st is not None]
-    out = torch.zeros(len(stats), dtype=torch.float64, device=like.device)
     if not present:
-        return out
+        return torch.zeros(len(stats), dtype=torch.float64, device=like.device)
     norms = [stats[g].sq_norms for g in present]
     if len({t.dtype for t in norms}) == 1:
         sums = torch.stack(norms).sum(1, dtype=torch.float64)  # (G_present,)
@@ -195,6 +194,7 @@ def _sq_norm_sums(stats: list[ParamStats | None], like: torch.Tensor) -> torch.T
         sums = torch.stack([t.sum(dtype=torch.float64) for t in norms])
     if len(present) == len(stats):
         return sums
+    out = torch.zeros(len(stats), dtype=torch.float64, device=like.device)
     return out.index_copy_(0, torch.tensor(present, device=like.device), sums)
 
 
