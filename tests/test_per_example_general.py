@@ -116,3 +116,18 @@ def test_batchnorm_without_running_stats_is_refused_in_eval_mode_too():
             get_engine("general"), model, torch.randn(4, 3), torch.randint(0, 2, (4,)), ce, layout,
             max_batch=4, param_moments=False,
         )  # fmt: skip
+
+
+def test_float32_gradients_are_reduced_in_float64():
+    """Nearly identical examples: M2 is a millionth of sum ||g_i||^2, which float32 sums would lose."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4))
+    x = torch.randn(1, 32).repeat(256, 1) + 1e-3 * torch.randn(256, 32)
+    y = torch.zeros(256, dtype=torch.long)
+    layout = param_layout(model)
+    general, loop = (
+        shard_moments(get_engine(name), model, x, y, ce, layout, max_batch=256, param_moments=True).moments
+        for name in ("general", "loop")
+    )
+    np.testing.assert_allclose(general.m2_group, loop.m2_group, rtol=1e-3)
+    np.testing.assert_allclose(general.m2_param, loop.m2_param, rtol=1e-3, atol=1e-3 * loop.m2_param.max())

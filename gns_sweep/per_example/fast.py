@@ -64,7 +64,7 @@ class _Static:
     params: list[torch.Tensor]  # layout order
     group_of: dict[int, int]  # id(parameter) -> layout group
     sites: list[_Site]  # the modules with a rule
-    held: set[int]  # ids of every parameter and buffer of the model
+    param_ids: set[int]  # ids of every parameter of the model
     coupling: list[tuple[str, nn.Module]]  # BatchNorm layers, re-checked every call (their mode can change)
 
 
@@ -76,6 +76,7 @@ class _Use:
     x: torch.Tensor | None  # the call's input (None: not a tensor, so no rule applies)
     x_node: object  # autograd node of x at call time (where the call's subgraph ends), or None
     edge: GradientEdge  # where the gradient of the call's output arrives
+    shape: torch.Size  # the output's shape (the hooked tensor may be its base, see _recording)
     scratch: Scratch  # the engine's reusable buffer for the rule's largest intermediate
     names: tuple[str, ...] = ()  # parameters whose statistics the hook computes (single-use ones)
     param_moments: bool = False
@@ -84,8 +85,9 @@ class _Use:
     grad: torch.Tensor | None = None  # d(sum of losses)/d(output), when kept
 
     def on_grad(self, grad: torch.Tensor) -> None:
+        grad = grad.reshape(self.shape)
         if self.names:
-            call = Call(self.x, grad, self.scratch, self.edge.node)
+            call = Call(self.x, grad, self.scratch)
             self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
         if self.keep_grad:
             self.grad = grad
@@ -149,7 +151,9 @@ class FastEngine:
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            plan = _make_plan(static, calls, total.grad_fn, n, param_moments=param_moments)
+            # buffers may be made or replaced by the forward itself (lazy position tables, masks)
+            held = static.param_ids | {id(b) for b in model.buffers()}
+            plan = _make_plan(static, calls, total.grad_fn, n, held, param_moments=param_moments)
             edges = plan.lowest_edges()
             if edges:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, edges, allow_unused=True)
@@ -176,9 +180,11 @@ class FastEngine:
         named = dict(model.named_parameters())
         params = [named[k] for k in layout.names]
         group_of = {id(p): g for g, p in enumerate(params)}
-        held = {id(t) for t in (*model.parameters(), *model.buffers())}
+        param_ids = {id(p) for p in model.parameters()}
         sites = _find_sites(model, group_of)
-        self._static = _Static(weakref.ref(model), layout, params, group_of, sites, held, coupling_candidates(model))
+        self._static = _Static(
+            weakref.ref(model), layout, params, group_of, sites, param_ids, coupling_candidates(model)
+        )
         return self._static
 
 
@@ -226,10 +232,16 @@ def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
                 return  # nothing trainable reached this output: no contribution
             x = args[0] if args else next(iter(kwargs.values()), None)
             x = x if isinstance(x, torch.Tensor) else None
-            use = _Use(site, x, None if x is None else x.grad_fn, get_gradient_edge(output), scratch)
+            # Linear on 3-D+ input returns a reshaped view of its 2-D result. An in-place op on a view moves
+            # the view's history onto its base, so hook the base: all of the output's gradient arrives there.
+            base = output._base
+            target = (
+                base if base is not None and base.grad_fn is not None and base.numel() == output.numel() else output
+            )
+            use = _Use(site, x, None if x is None else x.grad_fn, get_gradient_edge(target), output.shape, scratch)
             calls.append(use)
             # registered now, before any in-place op on the output, so it sees the output's own gradient
-            handles.append(output.register_hook(use.on_grad))
+            handles.append(target.register_hook(use.on_grad))
 
         return hook
 
@@ -268,8 +280,8 @@ def _walk(root, group_of: dict[int, int], targets: set) -> tuple[dict[int, int],
     return counts, below
 
 
-def _make_plan(static: _Static, calls: list[_Use], root, n: int, *, param_moments: bool) -> _Plan:
-    """Route each group (see the module docstring).
+def _make_plan(static: _Static, calls: list[_Use], root, n: int, held: set[int], *, param_moments: bool) -> _Plan:
+    """Route each group (see the module docstring); `held` are ids of the model's parameters and buffers.
 
     A call of a layer with a rule that reaches the loss uses each of the layer's parameters exactly
     once (true of every registered layer's own forward), so counting reaching calls per parameter
@@ -285,7 +297,7 @@ def _make_plan(static: _Static, calls: list[_Use], root, n: int, *, param_moment
         if use.edge.node not in below:
             continue  # this call's output does not reach the loss
         # a parameter or buffer as input has no example dimension, whatever its size
-        if use.x is None or id(use.x) in static.held or not site.rule.accepts(site.module, use.x, n):
+        if use.x is None or id(use.x) in held or not site.rule.accepts(site.module, use.x, n):
             bad.update(site.groups.values())
             continue
         for local, g in site.groups.items():
@@ -340,5 +352,6 @@ def _fallback(stats, model, inputs, targets, loss, layout: ParamLayout, groups: 
         scopes={TOTAL: tuple(range(len(groups)))},
     )
     flat, _ = per_example_grads(model, inputs, targets, loss, sub)  # (B, P_sub)
-    for g, part in zip(groups, flat.split(sizes, dim=1), strict=True):
+    # float64 before reducing: these gradients are explicit, so the sums need not round to the model's dtype
+    for g, part in zip(groups, flat.double().split(sizes, dim=1), strict=True):
         stats[g] = stats_of(part, param_moments=param_moments)

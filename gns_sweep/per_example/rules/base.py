@@ -43,7 +43,6 @@ class Call:
     x: torch.Tensor  # the call's input, (B, ...)
     grad: torch.Tensor  # d(sum of losses)/d(output), same shape as the output, (B, ...)
     scratch: Scratch | None = None  # the engine's reusable buffer, if it has one
-    node: object = None  # the autograd node that made the output, if known (its saved tensors can be reused)
 
     def rows(self, start: int, stop: int) -> Call:
         return Call(self.x[start:stop], self.grad[start:stop], self.scratch)

@@ -2,9 +2,9 @@
 
 Per example, w's gradient is sum over positions of d * x_hat and b's is sum of d.
 These are as small as the parameters, so they are materialised; x_hat is
-rebuilt from the saved input (dividing the output by w would fail at w = 0),
-with the mean and 1/std the forward saved for its own backward when they are
-there (one elementwise pass; a second layer_norm cost about 4x that).
+recomputed from the saved input (dividing the output by w would fail at w = 0;
+reading the mean and 1/std the forward saved would use up saved tensors that
+torch.utils.checkpoint lets be unpacked only once).
 """
 
 from __future__ import annotations
@@ -46,24 +46,7 @@ class _LastDimsRule(_AffineRule):
 
 class LayerNormRule(_LastDimsRule):
     def normalised(self, module, call):
-        saved = _saved_mean_rstd(call)
-        if saved is not None:
-            mean, rstd = saved
-            return (call.x - mean).mul_(rstd)
         return F.layer_norm(call.x, module.normalized_shape, eps=module.eps)
-
-
-def _saved_mean_rstd(call: Call) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The mean and 1/std the layer_norm forward of this very input saved, if available."""
-    node = call.node
-    if type(node).__name__ != "NativeLayerNormBackward0":
-        return None
-    try:
-        if node._saved_input is not call.x:
-            return None
-        return node._saved_result1, node._saved_result2  # (..., 1) each
-    except RuntimeError:  # freed or modified in place since: recompute
-        return None
 
 
 class RMSNormRule(_LastDimsRule):
