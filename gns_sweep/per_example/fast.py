@@ -352,6 +352,7 @@ def _fallback(stats, model, inputs, targets, loss, layout: ParamLayout, groups: 
         scopes={TOTAL: tuple(range(len(groups)))},
     )
     flat, _ = per_example_grads(model, inputs, targets, loss, sub)  # (B, P_sub)
-    # float64 before reducing: these gradients are explicit, so the sums need not round to the model's dtype
-    for g, part in zip(groups, flat.double().split(sizes, dim=1), strict=True):
-        stats[g] = stats_of(part, param_moments=param_moments)
+    for g, part in zip(groups, flat.split(sizes, dim=1), strict=True):
+        # float64 before reducing, one tensor at a time: these gradients are explicit, so their sums need
+        # not round to the model's dtype
+        stats[g] = stats_of(part.double(), param_moments=param_moments)

@@ -43,5 +43,4 @@ class GeneralEngine:
 
     def batch_sums(self, model, inputs, targets, loss, layout, *, param_moments) -> BatchSums:
         flat, losses = per_example_grads(model, inputs, targets, loss, layout)
-        # float64 before reducing, so the one-pass M2 = sum ||g_i||^2 - ||sum g_i||^2 / n keeps its digits
-        return sums_of_samples(flat.double(), losses.double(), layout, param_moments=param_moments)
+        return sums_of_samples(flat, losses, layout, param_moments=param_moments)

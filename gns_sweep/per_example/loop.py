@@ -29,5 +29,4 @@ class LoopEngine:
 
     def batch_sums(self, model, inputs, targets, loss, layout, *, param_moments) -> BatchSums:
         flat, losses = loop_grads(model, inputs, targets, loss, layout)
-        # float64 before summing: this is the reference the other engines are tested against
-        return sums_of_samples(flat.double(), losses.double(), layout, param_moments=param_moments)
+        return sums_of_samples(flat, losses, layout, param_moments=param_moments)

@@ -36,15 +36,23 @@ class BatchSums:
 
 
 def sums_of_samples(flat: torch.Tensor, losses: torch.Tensor, layout: ParamLayout, *, param_moments: bool) -> BatchSums:
-    """BatchSums of explicit flattened per-example gradients (B, P) in layout order."""
-    sizes = list(layout.sizes)
-    sq = flat.square().sum(0).split(sizes)  # per group sum_i g_i^2
+    """BatchSums of explicit flattened per-example gradients (B, P) in layout order, reduced in float64.
+
+    Squares of float32 values are exact in float64, so M2 = sum ||g_i||^2 - ||sum g_i||^2 / n keeps its
+    digits even when the examples are nearly alike. One parameter tensor is converted at a time."""
+    grad_sum, sq_norm_sum, param_sq_sum = [], [], []
+    for part in flat.split(list(layout.sizes), dim=1):
+        part = part.to(torch.float64, copy=True)  # squared in place below
+        grad_sum.append(part.sum(0))
+        sq = part.square_().sum(0)  # (P_g,) sum_i g_i^2
+        sq_norm_sum.append(sq.sum())
+        param_sq_sum.append(sq)
     return BatchSums(
         n=flat.shape[0],
-        loss_sum=losses.detach().sum(),
-        grad_sum=list(flat.sum(0).split(sizes)),
-        sq_norm_sum=torch.stack([part.sum(dtype=torch.float64) for part in sq]),
-        param_sq_sum=list(sq) if param_moments else None,
+        loss_sum=losses.detach().double().sum(),
+        grad_sum=grad_sum,
+        sq_norm_sum=torch.stack(sq_norm_sum),
+        param_sq_sum=param_sq_sum if param_moments else None,
     )
 
 
