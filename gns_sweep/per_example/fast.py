@@ -3,20 +3,24 @@
 One forward records each rule layer's input and the gradient edge of its output
 (forward hooks), and puts a hook on the output that runs the layer's rule as soon
 as the backward reaches it, while d(sum of losses)/d(output) is still in cache.
-The backward is one torch.autograd.grad of the summed losses w.r.t. those edges:
-it skips the parameter-gradient matmuls of an ordinary backward (the rules' sums
-replace them), and an edge, like a hook registered at forward time, still names
-the layer's own output after a later op such as ReLU(inplace=True) overwrote it.
-The rules (rules/) turn (input, output gradient) into sum_i g_i, per-example
-squared norms and, if asked, per-parameter second moments.
+The backward is one torch.autograd.grad of the summed losses w.r.t. the lowest
+of those edges (the nodes above them run on the way, firing their hooks): it
+skips the parameter-gradient matmuls of an ordinary backward (the rules' sums
+replace them). An edge, like a hook registered at forward time, still names the
+layer's own output after a later op such as ReLU(inplace=True) overwrote it; a
+reshaped output (Linear on 3-D input) is hooked at its base, where an in-place
+op on the view sends the gradient. The rules (rules/) turn (input, output
+gradient) into sum_i g_i, per-example squared norms and, if asked,
+per-parameter second moments.
 
 Which path a parameter takes is read off the autograd graph after the forward:
-every edge into the parameter's AccumulateGrad node must come from inside a call
-of a layer with a rule. Then one call -> the rule's statistics; several calls
-(tied weights, a layer used twice) -> the calls' per-example gradients are
-materialised and summed, as norms of the parts do not add. Otherwise -- no rule,
-a call the rule cannot take, or a use outside the layer's forward such as
-F.linear(h, self.embed.weight) -- the parameter goes to the torch.func fallback.
+every edge into the parameter's AccumulateGrad node must come from a call of a
+layer with a rule (each such call uses each of its parameters once). Then one
+call -> the rule's statistics; several calls (tied weights, a layer used twice)
+-> the calls' per-example gradients are materialised and summed, as norms of the
+parts do not add. Otherwise -- no rule, a call the rule cannot take, or a use
+outside the layer's forward such as F.linear(h, self.embed.weight) -- the
+parameter goes to the torch.func fallback.
 
 Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
 whose dim 0 is not the micro-batch size, or whose input is one of the model's

@@ -124,7 +124,7 @@ class SumAccumulator:
 
 
 def _fold(dst: torch.Tensor, src: torch.Tensor, fresh: bool) -> None:
-    src = src.reshape(-1)
+    dst = dst.view(src.shape)  # not src.reshape(-1): that would copy a strided src first
     if fresh:
         dst.copy_(src)
     else:

@@ -17,7 +17,7 @@ from gns_sweep.per_example.rules.base import Call, Rule
 
 
 class _AffineRule(Rule):
-    def normalised(self, module: nn.Module, call: Call) -> torch.Tensor:
+    def normalised(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x_hat, shaped like x."""
         raise NotImplementedError
 
@@ -28,7 +28,7 @@ class _AffineRule(Rule):
     def grads(self, module, call: Call, names) -> dict[str, torch.Tensor]:
         out = {}
         if "weight" in names:
-            out["weight"] = self.per_example(module, self.normalised(module, call).mul_(call.grad))
+            out["weight"] = self.per_example(module, self.normalised(module, call.x).mul_(call.grad))
         if "bias" in names:
             out["bias"] = self.per_example(module, call.grad)
         return out
@@ -45,15 +45,15 @@ class _LastDimsRule(_AffineRule):
 
 
 class LayerNormRule(_LastDimsRule):
-    def normalised(self, module, call):
-        return F.layer_norm(call.x, module.normalized_shape, eps=module.eps)
+    def normalised(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
 
 
 class RMSNormRule(_LastDimsRule):
     param_names = ("weight",)
 
-    def normalised(self, module, call):
-        return F.rms_norm(call.x, module.normalized_shape, eps=module.eps)
+    def normalised(self, module, x):
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
 
 
 class _ChannelRule(_AffineRule):
@@ -67,8 +67,8 @@ class _ChannelRule(_AffineRule):
 
 
 class GroupNormRule(_ChannelRule):
-    def normalised(self, module, call):
-        return F.group_norm(call.x, module.num_groups, eps=module.eps)
+    def normalised(self, module, x):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
 
 
 class BatchNormEvalRule(_ChannelRule):
@@ -77,5 +77,5 @@ class BatchNormEvalRule(_ChannelRule):
     def accepts(self, module, x, n) -> bool:
         return not module.training and module.running_mean is not None and super().accepts(module, x, n)
 
-    def normalised(self, module, call):
-        return F.batch_norm(call.x, module.running_mean, module.running_var, training=False, eps=module.eps)
+    def normalised(self, module, x):
+        return F.batch_norm(x, module.running_mean, module.running_var, training=False, eps=module.eps)
