@@ -27,7 +27,10 @@ whose dim 0 is not the micro-batch size, or whose input is one of the model's
 parameters or buffers, goes to the fallback. Sums over the examples of one
 micro-batch are taken in the model's dtype (they replace the weight-gradient
 matmul, ~1e-7 relative in float32) and returned as `BatchSums`; the caller
-folds them into float64 (sums.SumAccumulator).
+folds them into float64 (sums.SumAccumulator). So when the examples' gradients
+are nearly alike (B_simple << 1), tr(Sigma), a small difference of float32 sums,
+keeps few digits. A tensor hook registered on a layer's output after the
+forward runs after the engine's, so the rule does not see what it changes.
 """
 
 from __future__ import annotations
