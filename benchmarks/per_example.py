@@ -24,6 +24,13 @@ Methods: `plain` (forward + loss.mean().backward()), `norms` / `moments` (the
 fast engine with param_moments False / True), `torch_func` (the general engine),
 `loop` (one backward per example); the last two with param_moments=False.
 
+What moments cannot avoid: per-parameter second moments need one more matmul
+per Linear, (d^2)^T (x^2) (DESIGN.md), as large as its weight-gradient matmul.
+Where every Linear sees 2-D input (`mlp`), those matmuls alone -- on the
+squared tensors of a real step, timed in the same rounds as plain -- are
+reported as moments' "matmul_ms" and "matmul_floor_ratio" = (plain ms +
+matmul_ms) / plain ms: a floor for any engine that computes them in float32.
+
 Time: median wall time of repeats after warm-up, all methods in this process
 (torch's default threads). plain, norms and moments are timed in interleaved
 rounds (one call of each per round), so drift in machine load hits all three
@@ -45,6 +52,7 @@ returned moments), beyond model and data.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -69,8 +77,11 @@ METHODS = ("plain", "norms", "moments", "torch_func", "loop")
 WORKLOADS = ("mlp", "transformer")
 FAST, SLOW = ("plain", "norms", "moments"), ("torch_func", "loop")
 FOLDS = {"norms": "fold_norms", "moments": "fold_moments"}  # the float64 step after each engine method
+FLOOR = "moments_matmuls"  # the extra matmuls of second moments alone (see the module docstring)
 REPEATS = {"plain": 60, "norms": 60, "moments": 60, "torch_func": 3, "loop": 3, "fold_norms": 60, "fold_moments": 60}
+REPEATS[FLOOR] = 60
 WARMUP = {"plain": 3, "norms": 3, "moments": 3, "torch_func": 1, "loop": 1, "fold_norms": 3, "fold_moments": 3}
+WARMUP[FLOOR] = 3
 BATCH = {"mlp": 256, "transformer": 32}
 SLOW_BATCH = {"mlp": 64, "transformer": 32}  # batch at which torch_func and loop run
 
@@ -172,6 +183,25 @@ def fold(w: Workload, param_moments: bool) -> Callable[[], object]:
     return run
 
 
+def moments_matmuls(w: Workload) -> Callable[[], object] | None:
+    """The (d^2)^T (x^2) matmuls of one step's Linear layers, alone; None unless every Linear input is 2-D."""
+    model = copy.deepcopy(w.model)  # hooks on a copy: the timed methods keep the model's hook-free fast path
+    squares: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(module, args, output):
+        x = args[0].detach()
+        output.register_hook(lambda d: squares.append((d.square(), x.square())))
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in linears]
+    w.loss(model(w.inputs), w.targets).sum().backward()
+    for h in handles:
+        h.remove()
+    if len(squares) != len(linears) or any(x2.dim() != 2 for _, x2 in squares):
+        return None
+    return lambda: [d2.T @ x2 for d2, x2 in squares]
+
+
 def time_ms(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Median ms per method, the methods interleaved round by round after warm-up."""
     for name, fn in fns.items():
@@ -220,7 +250,11 @@ def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
     results = {}
     for wname in WORKLOADS:
         w = workload(wname)
-        ms = time_ms({m: method(m, w) for m in FAST})
+        fast = {m: method(m, w) for m in FAST}
+        floor = moments_matmuls(w)
+        if floor is not None:
+            fast[FLOOR] = floor
+        ms = time_ms(fast)
         ms.update(time_ms({m: method(m, w) for m in FOLDS.values()}))
         slow = workload(wname, SLOW_BATCH[wname])
         for m in SLOW:
@@ -237,6 +271,9 @@ def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
             if m == "norms":  # peak memory does not grow with the probe: micro-batches are folded as they come
                 row[m]["probe_8x_peak_mb"] = round(peak_mb(wname, PROBE), 1) if memory else None
         plain_ms = row["plain"]["ms"]
+        if FLOOR in ms:
+            row["moments"]["matmul_ms"] = round(ms[FLOOR], 2)
+            row["moments"]["matmul_floor_ratio"] = round((plain_ms + ms[FLOOR]) / plain_ms, 3)
         for r in row.values():
             r["ratio"] = round(r["ms"] / plain_ms, 3)
             if "fold_ms" in r:
@@ -274,6 +311,8 @@ def main() -> None:
             if "fold_ms" in r:
                 fmem = "-" if r["fold_peak_mb"] is None else f"{r['fold_peak_mb']:.1f}"
                 line += f" | {r['fold_ms']:7.2f} {r['ratio_with_fold']:8.2f} {fmem:>8s}"
+            if "matmul_floor_ratio" in r:
+                line += f"   (its extra matmuls alone: {r['matmul_ms']:.2f} ms, floor {r['matmul_floor_ratio']:.2f}x)"
             if r.get("probe_8x_peak_mb") is not None:
                 line += f"   (8x the examples in micro-batches: {r['probe_8x_peak_mb']:.1f} MB)"
             print(line)

@@ -15,12 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gns_sweep.errors import GnsError, UsageError
+from gns_sweep.errors import GnsError, Terminated, UsageError
 from gns_sweep.progress import ProgressEvent
 from gns_sweep.runtime import Cluster, ClusterConfig
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # ":ok:" in a value stays as typed
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 RESULTS_ROOT = Path("results")
 
 AddressOpt = typer.Option(
@@ -41,9 +41,9 @@ def handle_errors(fn: Callable) -> Callable:
         except GnsError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # outside a Ray wait (e.g. the reference run): nothing to cancel
             err.print("[bold red]interrupted[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         except Exception as exc:  # a bug, or a failure in the user's task code: still one line
             if os.environ.get("GNS_SWEEP_DEBUG"):
                 raise
@@ -69,8 +69,26 @@ def default_out(kind: str, task_name: str) -> Path:
 
 
 def check_out_dir(path: Path) -> Path:
+    """An output folder that exists and is writable, or that can be made (tried, then undone: nothing is left)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} exists and is not a folder; give a folder path")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {path} is not writable; give a folder you can write to")
+        return path
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]  # outermost first
+    made = []
+    try:
+        for p in missing:
+            p.mkdir()
+            made.append(p)
+    except OSError as exc:
+        raise UsageError(
+            f"--out {path} cannot be made ({exc.strerror}: {exc.filename}); give a folder you can write to"
+        ) from None
+    finally:
+        for p in reversed(made):
+            p.rmdir()
     return path
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from gns_sweep_cli import predict as predict_cmd
 from gns_sweep_cli import tasks as tasks_cmd
+from gns_sweep_cli.common import err
+from rich.markup import escape
 
 from gns_sweep.allocator import keep_freed_memory
 
@@ -38,7 +42,20 @@ _register_optional()
 
 def main() -> None:
     keep_freed_memory()  # this process runs training loops (predict's reference run): see gns_sweep.allocator
-    app()
+    if len(sys.argv) <= 1:
+        app()  # the help
+        return
+    try:
+        code = app(standalone_mode=False)  # parse errors come back as exceptions, not click's boxed usage text
+    except typer.TyperException as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "gns-sweep"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if hasattr(exc, "possibilities"):  # an unknown option: click's guesses at what was meant often mislead
+            message = f"No such option: {exc.option_name}"
+        err.print(f"[bold red]error:[/] {escape(message)} (see `{escape(where)} --help`)")
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from gns_sweep_cli.common import (
     check_out_dir,
     cluster,
     default_out,
+    err,
     handle_errors,
     out,
 )
@@ -28,7 +29,7 @@ from gns_sweep.errors import RunError, UsageError
 from gns_sweep.predict import PredictConfig, run_predict
 from gns_sweep.predict import settings as predict_settings
 from gns_sweep.predict import validate as validate_predict
-from gns_sweep.storage import PREDICT_FILE, check_output, read_settings
+from gns_sweep.storage import PREDICT_FILE, check_output, read_rows, read_settings
 from gns_sweep.tasks import DEFAULT_TASK
 
 
@@ -69,9 +70,9 @@ def run(
     if resume and overwrite:
         raise UsageError("--resume keeps what is on disk and --overwrite replaces it; pass only one")
     predict_path = folder / PREDICT_FILE
-    skip_predict = resume and predict_path.exists() and _same(predict_path, predict_settings(pconfig))
+    skip_predict = resume and _resumable(predict_path, predict_settings(pconfig), pconfig.checkpoints)
     if not skip_predict:
-        check_output(predict_path, predict_settings(pconfig), overwrite=overwrite or resume)
+        check_output(predict_path, predict_settings(pconfig), overwrite=overwrite)
     the_plan = emp.plan(econfig, loaded)
     emp.prepare_out(folder, the_plan, resume=resume, overwrite=overwrite)
     if not as_json:
@@ -101,8 +102,26 @@ def run(
         raise RunError(f"no B_crit for {folder}: {compared.notes[0]}")
 
 
-def _same(path: Path, settings: dict) -> bool:
-    try:
-        return read_settings(path) == json.loads(json.dumps(settings, sort_keys=True))
-    except Exception:
+def _resumable(path: Path, settings: dict, checkpoints: int) -> bool:
+    """Under --resume: whether predict.parquet is this run's and finished (then it is kept).
+
+    A different run's file is refused, as --overwrite is the way to replace it; an unfinished
+    one (interrupted after some checkpoints) is computed again."""
+    if not path.exists():
         return False
+    want = json.loads(json.dumps(settings, sort_keys=True))
+    try:
+        have = read_settings(path)
+        done = {r["checkpoint"] for r in read_rows(path)}
+    except Exception:
+        have, done = None, set()
+    if have != want:
+        changed = sorted(k for k in want if have is None or have.get(k) != want[k])
+        raise UsageError(
+            f"{path} holds a different predict run (differs in: {', '.join(changed) or 'format'}); with --resume "
+            "repeat the first run's options, or pass --overwrite instead of --resume to start again"
+        )
+    if len(done) < checkpoints:
+        err.print(f"predict: {path} has {len(done)} of {checkpoints} checkpoints (interrupted); computing it again")
+        return False
+    return True

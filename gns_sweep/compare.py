@@ -21,8 +21,10 @@ from gns_sweep.storage import (
     FRONTIER_SCHEMA,
     PLAN_FILE,
     PREDICT_FILE,
+    PREDICT_SCHEMA,
     TRIALS_FILE,
-    read_rows,
+    TRIALS_SCHEMA,
+    read_result,
     read_settings,
     write_table,
 )
@@ -85,8 +87,12 @@ def read_inputs(out_dir: Path) -> tuple[list[dict], list[dict], dict]:
         raise UsageError(
             f"{out_dir} has no {TRIALS_FILE}; run `gns-sweep empirical --task TASK {hint}--out {out_dir}` first"
         )
-    predict_rows = read_rows(out_dir / PREDICT_FILE)
-    trial_rows = read_rows(out_dir / TRIALS_FILE)
+    predict_rows = read_result(
+        out_dir / PREDICT_FILE, PREDICT_SCHEMA, f"run `gns-sweep predict --task TASK --out {out_dir} --overwrite` again"
+    )
+    trial_rows = read_result(
+        out_dir / TRIALS_FILE, TRIALS_SCHEMA, f"run `gns-sweep empirical --task TASK --resume --out {out_dir}` again"
+    )
     if not trial_rows:
         raise UsageError(f"{out_dir / TRIALS_FILE} holds no trials; run `gns-sweep empirical --resume --out {out_dir}`")
     sweep = read_settings(out_dir / TRIALS_FILE) or {}

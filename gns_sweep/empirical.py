@@ -178,10 +178,10 @@ def validate(config: EmpiricalConfig) -> Task:
         )
     if config.target_loss is not None and not math.isfinite(config.target_loss):
         raise UsageError(f"--target-loss {config.target_loss}: give a finite eval loss")
-    if not config.cpus_per_trial > 0:
-        raise UsageError(f"--cpus-per-trial {config.cpus_per_trial:g} must be > 0")
-    if config.gpus_per_trial < 0:
-        raise UsageError(f"--gpus-per-trial {config.gpus_per_trial:g} must be >= 0")
+    if not (math.isfinite(config.cpus_per_trial) and config.cpus_per_trial > 0):
+        raise UsageError(f"--cpus-per-trial {config.cpus_per_trial:g} must be a number > 0")
+    if not (math.isfinite(config.gpus_per_trial) and config.gpus_per_trial >= 0):
+        raise UsageError(f"--gpus-per-trial {config.gpus_per_trial:g} must be a number >= 0 (0: CPU only)")
     return task
 
 

@@ -25,3 +25,13 @@ class Interrupted(GnsError):
     """The user pressed Ctrl-C; pending Ray work was cancelled."""
 
     exit_code = 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, `timeout`), raised where the driver is so it stops like Ctrl-C."""
+
+
+class TerminatedRun(Interrupted):
+    """Stopped by SIGTERM; pending Ray work was cancelled. Exit code 143 (128 + SIGTERM)."""
+
+    exit_code = 143

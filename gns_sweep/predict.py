@@ -31,7 +31,7 @@ from gns_sweep.per_example import (
     get_engine,
     param_layout,
 )
-from gns_sweep.per_example.base import refuse_coupled_layers
+from gns_sweep.per_example.base import check_losses, refuse_coupled_layers
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 from gns_sweep.runtime import Cluster, Resources, WorkerInfo
 from gns_sweep.storage import PREDICT_FILE, PREDICT_SCHEMA, write_table
@@ -144,6 +144,8 @@ def validate(config: PredictConfig) -> tuple[Task, PredictConfig]:
     task = load_task(config.task)
     if config.probe_size is None:
         config = replace(config, probe_size=min(DEFAULT_PROBE, task.n_train))
+    if task.n_train < 2:
+        raise UsageError(f"task '{task.name}' has {task.n_train} training example; predict needs at least 2")
     if config.probe_size < 2:
         raise UsageError(f"--probe-size {config.probe_size}: need at least 2 examples to estimate a variance")
     if config.probe_size > task.n_train:
@@ -160,22 +162,50 @@ def validate(config: PredictConfig) -> tuple[Task, PredictConfig]:
         )
     if config.blocks < 2:
         raise UsageError(f"--blocks {config.blocks}: the jackknife needs at least 2 blocks")
+    if config.probe_size - _largest_block(config.probe_size, config.blocks) < 2:
+        need = next(  # 2 * blocks always works: blocks of 2
+            p for p in range(config.probe_size, 2 * config.blocks + 1) if p - _largest_block(p, config.blocks) >= 2
+        )
+        raise UsageError(
+            f"--probe-size {config.probe_size} in --blocks {config.blocks}: leaving one block out (the jackknife) "
+            f"leaves fewer than 2 examples; use --probe-size {need} or more"
+        )
     if config.warmup_steps < 0:
         raise UsageError(f"--warmup-steps {config.warmup_steps} must be >= 0")
+    budget_steps = max(1, task.budget_examples // task.batch_size)  # where the reference run stops at the latest
+    if config.warmup_steps >= budget_steps:
+        raise UsageError(
+            f"--warmup-steps {config.warmup_steps} is past the end of the reference run (task '{task.name}': "
+            f"{budget_steps} steps of batch {task.batch_size} in its budget); use fewer than {budget_steps}"
+        )
     if config.checkpoints < 1:
         raise UsageError(f"--checkpoints {config.checkpoints} must be >= 1")
     if config.max_batch < 1:
         raise UsageError(f"--max-batch {config.max_batch} must be >= 1")
     if config.engine not in ENGINES:
         raise UsageError(f"unknown --engine '{config.engine}'; choose one of: {', '.join(ENGINES)}")
-    if config.cpus_per_shard <= 0 or config.gpus_per_shard < 0:
-        raise UsageError("--cpus-per-shard must be > 0 and --gpus-per-shard >= 0")
+    if not (math.isfinite(config.cpus_per_shard) and config.cpus_per_shard > 0):
+        raise UsageError(f"--cpus-per-shard {config.cpus_per_shard}: must be a number > 0")
+    if not (math.isfinite(config.gpus_per_shard) and config.gpus_per_shard >= 0):
+        raise UsageError(f"--gpus-per-shard {config.gpus_per_shard}: must be a number >= 0 (0: CPU only)")
+    torch.manual_seed(config.seed)
+    model = task.build_model().train()
+    # what the shards would refuse after the whole reference run, found now: a layer that couples
+    # examples, or a loss that does not return one value per example
+    refuse_coupled_layers(model)
+    n = min(2, task.n_train)
+    with torch.no_grad():
+        check_losses(task.loss(model(task.train_inputs[:n]), task.train_targets[:n]), n)
     if config.layer is not None:
-        torch.manual_seed(config.seed)
-        layers = param_layout(task.build_model()).layers()
+        layers = param_layout(model).layers()
         if config.layer not in layers:
             raise UsageError(f"unknown --layer '{config.layer}'; layers with trainable parameters: {', '.join(layers)}")
     return task, config
+
+
+def _largest_block(probe_size: int, blocks: int) -> int:
+    e = edges(probe_size, min(blocks, probe_size))
+    return max(b - a for a, b in pairwise(e))
 
 
 def checkpoint_steps(warmup: int, end: int, count: int) -> tuple[int, ...]:

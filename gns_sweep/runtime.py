@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gns_sweep.allocator import keep_freed_memory
-from gns_sweep.errors import GnsError, Interrupted, RunError, UsageError
+from gns_sweep.errors import GnsError, Interrupted, RunError, Terminated, TerminatedRun, UsageError
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 
 # Ray binds to the machine's routable address unless this is off; checked at
@@ -57,9 +59,11 @@ class Cluster:
 
     config: ClusterConfig = field(default_factory=ClusterConfig)
     started_local: bool = False
+    _sigterm: Any = field(default=None, repr=False)  # the SIGTERM handler to restore on exit
 
     def __enter__(self) -> Cluster:
         connect(self)
+        self._sigterm = _stop_on_sigterm()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -67,6 +71,8 @@ class Cluster:
 
         if ray.is_initialized():
             ray.shutdown()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
 
     def resources(self) -> dict[str, float]:
         import ray
@@ -128,13 +134,20 @@ class Cluster:
                     done += 1
                 running = min(len(pending), self._slots(resources))
                 progress(ProgressEvent(stage, done, total, failed, running))
-        except KeyboardInterrupt:
-            _cancel(pending)
-            raise Interrupted(f"interrupted: {done} of {total} {stage} finished, the rest were cancelled") from None
+        except KeyboardInterrupt as exc:
+            self._cancel(pending)
+            stop = TerminatedRun if isinstance(exc, Terminated) else Interrupted
+            raise stop(f"interrupted: {done} of {total} {stage} finished, the rest were cancelled") from None
         except BaseException:
-            _cancel(pending)
+            self._cancel(pending)
             raise
         return results
+
+    def _cancel(self, pending: dict) -> None:
+        """Stop outstanding tasks. A local instance is shut down on exit, which stops its workers: cancelling
+        them first only risks Ray 2.60's cancel/reply race (a failed internal check that aborts the driver)."""
+        if not self.started_local:
+            _cancel(pending)
 
     def _slots(self, resources: Resources) -> int:
         have = self.resources()
@@ -156,6 +169,20 @@ class Cluster:
                 f"each task asks for {resources.num_cpus:g} CPUs but the largest the cluster offers is "
                 f"{have.get('CPU', 0):g}; ask for fewer CPUs per task"
             )
+
+
+def _stop_on_sigterm():
+    """Make SIGTERM unwind the driver like Ctrl-C (cancel, stop Ray, keep results); returns the old handler.
+
+    ray.init installs a native handler that dumps a stack trace and aborts; this replaces it
+    while the cluster is open. Only the main thread may set handlers, so elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def connect(cluster: Cluster) -> None:

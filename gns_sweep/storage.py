@@ -49,6 +49,16 @@ PREDICT_SCHEMA = pa.schema(
 )
 
 
+def _file_mode() -> int:
+    """0666 less the process umask: the mode open() would give a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def write_table(path: Path, rows: Sequence[Mapping[str, Any]], schema: pa.Schema, settings: Mapping[str, Any]) -> None:
     """Write rows atomically with the run's settings in the file metadata."""
     table = pa.Table.from_pylist(list(rows), schema=schema)
@@ -59,6 +69,7 @@ def write_table(path: Path, rows: Sequence[Mapping[str, Any]], schema: pa.Schema
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are as readable as any file the user makes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -193,6 +204,18 @@ COMPARISON_SCHEMA = pa.schema(
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Every row of a Parquet file as a dict."""
     return pq.read_table(path).to_pylist()
+
+
+def read_result(path: Path, schema: pa.Schema, remedy: str) -> list[dict[str, Any]]:
+    """Rows of a result file that must have `schema`'s columns; a damaged or foreign file is bad input."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"{path} is not a readable Parquet file ({exc}); {remedy}") from None
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise UsageError(f"{path} lacks the column(s) {', '.join(missing)}; {remedy}")
+    return table.select(schema.names).to_pylist()
 
 
 def trial_path(out_dir: Path, trial_id: str) -> Path:

@@ -45,3 +45,19 @@ def broken():
     """A task whose model fails at run time: a runtime failure (exit 1), not bad input."""
     task = identical()
     return gns_sweep.Task(**{**task.__dict__, "name": "broken", "build_model": _Broken})
+
+
+def nan_target():
+    """A task whose default target is NaN: bad input, refused before any work."""
+    return gns_sweep.Task(**{**identical().__dict__, "name": "nan-target", "target_loss": float("nan")})
+
+
+def mean_loss():
+    """A loss that averages the batch: refused up front, as per-example gradients need one loss per example."""
+    return gns_sweep.Task(**{**identical().__dict__, "name": "mean-loss", "loss": lambda out, y: _mse(out, y).mean()})
+
+
+def batchnorm():
+    """BatchNorm in train mode couples the examples of a batch: refused up front, naming the layer."""
+    model = lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))  # noqa: E731
+    return gns_sweep.Task(**{**identical().__dict__, "name": "batchnorm", "build_model": model})

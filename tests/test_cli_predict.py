@@ -46,6 +46,12 @@ def assert_usage_error(result, *fragments):
         (["--checkpoints", "0"], ["--checkpoints 0"]),
         (["--address", "127.0.0.1:1"], ["cannot reach a Ray cluster at --address '127.0.0.1:1'"]),
         (["--address", "nonsense"], ["--address 'nonsense' is not host:port"]),
+        (["--probe-size", "3", "--blocks", "2", "--shards", "1"], ["--probe-size 3 in --blocks 2", "4 or more"]),
+        (["--cpus-per-shard", "nan"], ["--cpus-per-shard nan"]),
+        (["--gpus-per-shard", "nan"], ["--gpus-per-shard nan"]),
+        (["--warmup-steps", "20000"], ["--warmup-steps 20000", "16384 steps"]),
+        (["--task", "example_tasks:mean_loss"], ["returned shape ()", "one loss per example"]),
+        (["--task", "example_tasks:batchnorm"], ["layer '1' (BatchNorm1d) couples the examples"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, fragments):
@@ -54,6 +60,41 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     result = invoke("predict", "--task", "blobs-noisy", *SMALL, "--out", out, *args)
     assert_usage_error(result, *fragments)
     assert not out.exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_bad_input(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    result = invoke("predict", *SMALL, "--out", afile / "sub" / "deeper")
+    assert_usage_error(result, "cannot be made", "Not a directory")
+    new = tmp_path / "a" / "b"
+    result = invoke("predict", *SMALL, "--out", new, "--engine", "turbo")
+    assert_usage_error(result, "--engine")
+    assert not (tmp_path / "a").exists()  # the check that it can be made leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["predict", "--probe-size", "abc"], "Invalid value for '--probe-size'"),
+        (["predict", "--bogus"], "No such option: --bogus"),
+        (["compare"], "Missing argument"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_parse_errors_are_one_line_too(argv, fragment):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gns_sweep", *argv], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], proc.stderr
+    assert "--help" in lines[0]
+
+
+def test_values_are_printed_as_typed():
+    result = invoke("predict", "--task", "no_such_module_xyz:ok:x")
+    assert result.exit_code == 2 and ":ok:x" in result.output, result.output  # no emoji codes
 
 
 def test_predict_writes_parquet_and_refuses_a_different_run(tmp_path, ray_address):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -85,6 +86,28 @@ def test_compare_input_errors(tmp_path, swept):
     (only_predict / "predict.parquet").write_bytes((swept / "predict.parquet").read_bytes())
     result = invoke("compare", str(only_predict))
     assert result.exit_code == 2 and "gns-sweep empirical" in result.output
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "trials.parquet").write_bytes((swept / "trials.parquet").read_bytes())
+    (damaged / "predict.parquet").write_bytes(b"not parquet at all")
+    result = invoke("compare", str(damaged))
+    assert result.exit_code == 2 and "is not a readable Parquet file" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    (damaged / "predict.parquet").write_bytes((swept / "trials.parquet").read_bytes())  # the wrong table
+    result = invoke("compare", str(damaged))
+    assert result.exit_code == 2 and "lacks the column(s)" in result.output, result.output
+
+
+def test_result_files_follow_the_umask(swept):
+    for name in ("predict.parquet", "trials.parquet", "plan.parquet"):
+        mode = (swept / name).stat().st_mode & 0o777
+        assert mode == 0o666 & ~_umask(), (name, oct(mode))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_censored_and_unfittable_sweeps():

@@ -92,9 +92,13 @@ def test_resume_after_sigkill_completes_without_duplicates(ray_address, tmp_path
         (["--batch-sizes", "8,1024", "--budget-examples", "512"], "smaller than the largest batch size 1024"),
         (["--seeds", "0"], "--seeds 0"),
         (["--task", "no-such-task"], "unknown task"),
+        (["--gpus-per-trial", "nan"], "--gpus-per-trial nan"),
+        (["--cpus-per-trial", "nan"], "--cpus-per-trial nan"),
+        (["--task", "example_tasks:nan_target"], "target_loss must be a finite number"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     out = tmp_path / "bad"
     result = invoke("empirical", *args, "--out", str(out))
     assert result.exit_code == 2, result.output

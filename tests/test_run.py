@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from gns_sweep_cli.main import app
 from typer.testing import CliRunner
 
@@ -28,6 +30,20 @@ def test_run_writes_everything_and_resumes(ray_address, tmp_path):
     assert again.exit_code == 0, again.output
     assert "kept" in again.output and "4 already on disk" in again.output
     pd.testing.assert_frame_equal(pd.read_parquet(out / "trials.parquet"), first)
+
+    # --resume never replaces a different predict run; it refuses and names what differs
+    other = [a if a != "256" else "128" for a in TINY]
+    refused = runner.invoke(app, ["run", *other, "--out", str(out), "--address", ray_address, "--resume"])
+    assert refused.exit_code == 2 and "differs in: probe_size" in refused.output, refused.output
+
+    # an interrupted predict (fewer checkpoints than planned) is computed again, not kept as the verdict
+    table = pq.read_table(out / "predict.parquet")
+    partial = table.filter(pc.equal(table["checkpoint"], 0))
+    pq.write_table(partial.replace_schema_metadata(table.schema.metadata), out / "predict.parquet")
+    redone = runner.invoke(app, ["run", *TINY, "--out", str(out), "--address", ray_address, "--resume"])
+    assert redone.exit_code == 0, redone.output
+    assert "has 1 of 2 checkpoints" in redone.output
+    assert set(pd.read_parquet(out / "predict.parquet").checkpoint) == {0, 1}
 
 
 def test_run_bad_input(tmp_path):

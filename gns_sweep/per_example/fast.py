@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,6 +72,8 @@ class _Static:
     group_of: dict[int, int]  # id(parameter) -> layout group
     sites: list[_Site]  # the modules with a rule
     param_ids: set[int]  # ids of every parameter of the model
+    modules: tuple[nn.Module, ...]  # every module, for its buffers (model.buffers() costs more per call)
+    owned: frozenset[int]  # groups of some site's parameters
     coupling: list[tuple[str, nn.Module]]  # BatchNorm layers, re-checked every call (their mode can change)
 
 
@@ -107,11 +109,8 @@ class _Plan:
     single: dict[int, tuple[_Use, str]]  # one call of one rule layer, and the local parameter name
     multi: dict[int, list[tuple[_Use, str]]]  # several calls: materialise and sum
     fallback: list[int]  # torch.func
-    below: dict[object, bool] = field(default_factory=dict)  # graph node -> a planned call's node is it or below
-
-    def uses(self) -> list[_Use]:
-        found = [u for u, _ in self.single.values()] + [u for us in self.multi.values() for u, _ in us]
-        return list({id(u): u for u in found}.values())
+    uses: list[_Use]  # the calls in single and multi, each once
+    below: dict[object, bool]  # graph node -> a planned call's node is it or below
 
     def lowest_edges(self) -> list[GradientEdge]:
         """The output edges of the planned calls with no other planned call below them.
@@ -122,7 +121,7 @@ class _Plan:
         output gradient until the end of the backward."""
         return [
             u.edge
-            for u in self.uses()
+            for u in self.uses
             if not any(self.below.get(c, False) for c, _ in u.edge.node.next_functions if c is not None)
         ]
 
@@ -159,7 +158,7 @@ class FastEngine:
             check_losses(losses, n)
             total = losses.sum()
             # buffers may be made or replaced by the forward itself (lazy position tables, masks)
-            held = static.param_ids | {id(b) for b in model.buffers()}
+            held = static.param_ids | {id(b) for m in static.modules for b in m._buffers.values() if b is not None}
             plan = _make_plan(static, calls, total.grad_fn, n, held, param_moments=param_moments)
             edges = plan.lowest_edges()
             if edges:  # the rules run in the output hooks; the returned gradients are not needed
@@ -190,7 +189,15 @@ class FastEngine:
         param_ids = {id(p) for p in model.parameters()}
         sites = _find_sites(model, group_of)
         self._static = _Static(
-            weakref.ref(model), layout, params, group_of, sites, param_ids, coupling_candidates(model)
+            weakref.ref(model),
+            layout,
+            params,
+            group_of,
+            sites,
+            param_ids,
+            tuple(model.modules()),
+            frozenset(g for site in sites for g in site.groups.values()),
+            coupling_candidates(model),
         )
         return self._static
 
@@ -266,9 +273,10 @@ def _walk(root, group_of: dict[int, int], targets: set) -> tuple[dict[int, int],
     AccumulateGrad node, and for every node visited whether some target node is it or below it."""
     counts: dict[int, int] = {}
     below: dict[object, bool] = {root: False}  # False until the node is finished (post-order)
-    stack = [(root, iter(root.next_functions))]
-    while stack:
-        node, children = stack[-1]
+    nexts = root.next_functions
+    stack = [(root, nexts, iter(nexts))]
+    while stack:  # runs once per micro-batch, after the big matmuls have evicted the interpreter: keep it lean
+        node, nexts, children = stack[-1]
         for child, _ in children:
             if child is None:
                 continue
@@ -279,11 +287,18 @@ def _walk(root, group_of: dict[int, int], targets: set) -> tuple[dict[int, int],
                     counts[g] = counts.get(g, 0) + 1
             elif child not in below:  # a DAG never meets an unfinished node again
                 below[child] = False
-                stack.append((child, iter(child.next_functions)))
+                child_nexts = child.next_functions
+                stack.append((child, child_nexts, iter(child_nexts)))
                 break
         else:
             stack.pop()
-            below[node] = node in targets or any(below.get(c, False) for c, _ in node.next_functions if c is not None)
+            hit = node in targets
+            if not hit:
+                for c, _ in nexts:
+                    if c is not None and below.get(c, False):
+                        hit = True
+                        break
+            below[node] = hit
     return counts, below
 
 
@@ -297,7 +312,7 @@ def _make_plan(static: _Static, calls: list[_Use], root, n: int, held: set[int],
     targets = {use.edge.node for use in calls}
     total, below = _walk(root, group_of, targets) if root is not None else ({}, {})
     uses: dict[int, list[tuple[_Use, str]]] = {g: [] for g in range(n_groups)}
-    owned = {g for site in static.sites for g in site.groups.values()}
+    owned = static.owned
     bad = set()
     for use in calls:
         site = use.site
@@ -323,10 +338,12 @@ def _make_plan(static: _Static, calls: list[_Use], root, n: int, held: set[int],
             multi[g] = uses[g]
             for use, _ in multi[g]:
                 use.keep_grad = True
-    planned = _Plan(single, multi, fallback)
-    if {u.edge.node for u in planned.uses()} != {n for n in targets if n in below}:
-        _, below = _walk(root, {}, {u.edge.node for u in planned.uses()})  # a call left out: recount
-    return replace(planned, below=below)
+    found = [u for u, _ in single.values()] + [u for us in multi.values() for u, _ in us]
+    planned = list({id(u): u for u in found}.values())
+    nodes = {u.edge.node for u in planned}
+    if nodes != {n for n in targets if n in below}:
+        _, below = _walk(root, {}, nodes)  # a call left out: recount
+    return _Plan(single, multi, fallback, planned, below)
 
 
 def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, param_moments: bool):

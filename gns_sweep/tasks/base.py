@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,10 +44,17 @@ class Task:
                 raise UsageError(f"task '{self.name}': {split} split is empty")
         if not callable(self.build_model) or not callable(self.loss):
             raise UsageError(f"task '{self.name}': build_model and loss must be callables")
-        if not self.lr > 0:
-            raise UsageError(f"task '{self.name}': lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"task '{self.name}': lr must be a finite number > 0, got {self.lr}")
         if self.batch_size < 1:
             raise UsageError(f"task '{self.name}': batch_size must be >= 1, got {self.batch_size}")
+        if self.budget_examples < 1:
+            raise UsageError(f"task '{self.name}': budget_examples must be >= 1, got {self.budget_examples}")
+        if self.target_loss is not None and not math.isfinite(self.target_loss):
+            raise UsageError(
+                f"task '{self.name}': target_loss must be a finite number, got {self.target_loss}; "
+                "use None to let a pilot run choose it"
+            )
 
     @property
     def n_train(self) -> int:
