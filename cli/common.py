@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -76,7 +77,8 @@ def check_out_dir(path: Path) -> Path:
         if not os.access(path, os.W_OK | os.X_OK):
             raise UsageError(f"--out {path} is not writable; give a folder you can write to")
         return path
-    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]  # outermost first
+    target = Path(os.path.abspath(path))  # '..' resolved, so only real folders are made
+    missing = [p for p in (target, *target.parents) if not p.exists()][::-1]  # outermost first
     made = []
     try:
         for p in missing:
@@ -88,7 +90,8 @@ def check_out_dir(path: Path) -> Path:
         ) from None
     finally:
         for p in reversed(made):
-            p.rmdir()
+            with contextlib.suppress(OSError):  # another run may have started writing there meanwhile
+                p.rmdir()
     return path
 
 

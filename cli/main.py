@@ -40,6 +40,21 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _parse_errors() -> tuple[type[Exception], ...]:
+    """Click's exception base: Typer >= 0.2x bundles click and raises its own copy's, older Typer raises click's."""
+    found = [getattr(typer, "TyperException", None)]
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(c for c in found if c is not None)
+
+
+_PARSE_ERRORS = _parse_errors()
+
+
 def main() -> None:
     keep_freed_memory()  # this process runs training loops (predict's reference run): see gns_sweep.allocator
     if len(sys.argv) <= 1:
@@ -47,7 +62,7 @@ def main() -> None:
         return
     try:
         code = app(standalone_mode=False)  # parse errors come back as exceptions, not click's boxed usage text
-    except typer.TyperException as exc:
+    except _PARSE_ERRORS as exc:
         ctx = getattr(exc, "ctx", None)
         where = ctx.command_path if ctx is not None else "gns-sweep"
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)

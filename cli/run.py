@@ -70,9 +70,10 @@ def run(
     if resume and overwrite:
         raise UsageError("--resume keeps what is on disk and --overwrite replaces it; pass only one")
     predict_path = folder / PREDICT_FILE
-    skip_predict = resume and _resumable(predict_path, predict_settings(pconfig), pconfig.checkpoints)
+    kept = _resumed(predict_path, predict_settings(pconfig), pconfig.checkpoints) if resume else None
+    skip_predict = kept == "keep"
     if not skip_predict:
-        check_output(predict_path, predict_settings(pconfig), overwrite=overwrite)
+        check_output(predict_path, predict_settings(pconfig), overwrite=overwrite or kept == "redo")
     the_plan = emp.plan(econfig, loaded)
     emp.prepare_out(folder, the_plan, resume=resume, overwrite=overwrite)
     if not as_json:
@@ -102,19 +103,19 @@ def run(
         raise RunError(f"no B_crit for {folder}: {compared.notes[0]}")
 
 
-def _resumable(path: Path, settings: dict, checkpoints: int) -> bool:
-    """Under --resume: whether predict.parquet is this run's and finished (then it is kept).
-
-    A different run's file is refused, as --overwrite is the way to replace it; an unfinished
-    one (interrupted after some checkpoints) is computed again."""
+def _resumed(path: Path, settings: dict, checkpoints: int) -> str | None:
+    """Under --resume, what to do with predict.parquet: "keep" it (this run's, finished), "redo" it
+    (unreadable, or interrupted before its last checkpoint), or None (absent). Another run's file is
+    refused, as --overwrite is the way to replace it."""
     if not path.exists():
-        return False
+        return None
     want = json.loads(json.dumps(settings, sort_keys=True))
     try:
         have = read_settings(path)
         done = {r["checkpoint"] for r in read_rows(path)}
-    except Exception:
-        have, done = None, set()
+    except Exception as exc:
+        err.print(f"predict: cannot read {path} ({type(exc).__name__}); computing it again")
+        return "redo"
     if have != want:
         changed = sorted(k for k in want if have is None or have.get(k) != want[k])
         raise UsageError(
@@ -123,5 +124,5 @@ def _resumable(path: Path, settings: dict, checkpoints: int) -> bool:
         )
     if len(done) < checkpoints:
         err.print(f"predict: {path} has {len(done)} of {checkpoints} checkpoints (interrupted); computing it again")
-        return False
-    return True
+        return "redo"
+    return "keep"

@@ -188,14 +188,13 @@ def validate(config: PredictConfig) -> tuple[Task, PredictConfig]:
         raise UsageError(f"--cpus-per-shard {config.cpus_per_shard}: must be a number > 0")
     if not (math.isfinite(config.gpus_per_shard) and config.gpus_per_shard >= 0):
         raise UsageError(f"--gpus-per-shard {config.gpus_per_shard}: must be a number >= 0 (0: CPU only)")
-    torch.manual_seed(config.seed)
-    model = task.build_model().train()
+    model = init_model(task, config.seed)  # on the CPU, as the reference run makes it
     # what the shards would refuse after the whole reference run, found now: a layer that couples
     # examples, or a loss that does not return one value per example
     refuse_coupled_layers(model)
     n = min(2, task.n_train)
     with torch.no_grad():
-        check_losses(task.loss(model(task.train_inputs[:n]), task.train_targets[:n]), n)
+        check_losses(task.loss(model(task.train_inputs[:n].cpu()), task.train_targets[:n].cpu()), n)
     if config.layer is not None:
         layers = param_layout(model).layers()
         if config.layer not in layers:

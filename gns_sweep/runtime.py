@@ -62,8 +62,11 @@ class Cluster:
     _sigterm: Any = field(default=None, repr=False)  # the SIGTERM handler to restore on exit
 
     def __enter__(self) -> Cluster:
+        on_main = threading.current_thread() is threading.main_thread()
+        self._sigterm = signal.getsignal(signal.SIGTERM) if on_main else None  # before ray.init adds its own
         connect(self)
-        self._sigterm = _stop_on_sigterm()
+        if on_main:
+            _stop_on_sigterm()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -135,19 +138,14 @@ class Cluster:
                 running = min(len(pending), self._slots(resources))
                 progress(ProgressEvent(stage, done, total, failed, running))
         except KeyboardInterrupt as exc:
-            self._cancel(pending)
+            if not self.started_local:  # a local instance stops with its driver, which is on its way out
+                _cancel(pending)  # (cancelling there only risks Ray 2.60's cancel/reply race, which aborts)
             stop = TerminatedRun if isinstance(exc, Terminated) else Interrupted
             raise stop(f"interrupted: {done} of {total} {stage} finished, the rest were cancelled") from None
         except BaseException:
-            self._cancel(pending)
+            _cancel(pending)
             raise
         return results
-
-    def _cancel(self, pending: dict) -> None:
-        """Stop outstanding tasks. A local instance is shut down on exit, which stops its workers: cancelling
-        them first only risks Ray 2.60's cancel/reply race (a failed internal check that aborts the driver)."""
-        if not self.started_local:
-            _cancel(pending)
 
     def _slots(self, resources: Resources) -> int:
         have = self.resources()
@@ -171,18 +169,16 @@ class Cluster:
             )
 
 
-def _stop_on_sigterm():
-    """Make SIGTERM unwind the driver like Ctrl-C (cancel, stop Ray, keep results); returns the old handler.
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM unwind the driver like Ctrl-C (cancel, stop Ray, keep results) while the cluster is open.
 
-    ray.init installs a native handler that dumps a stack trace and aborts; this replaces it
-    while the cluster is open. Only the main thread may set handlers, so elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    ray.init installs handlers that dump a native stack trace or exit with 15; the Cluster restores
+    the handler from before ray.init on exit. Only the main thread may set handlers."""
 
     def raise_terminated(signum, frame):
         raise Terminated()
 
-    return signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def connect(cluster: Cluster) -> None:

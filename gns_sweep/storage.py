@@ -51,12 +51,13 @@ PREDICT_SCHEMA = pa.schema(
 
 def _file_mode() -> int:
     """0666 less the process umask: the mode open() would give a new file."""
-    mask = os.umask(0o022)
-    os.umask(mask)
+    try:
+        with open("/proc/self/status") as f:  # Linux: read it without setting it (other threads may be making files)
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
     return 0o666 & ~mask
-
-
-_FILE_MODE = _file_mode()
 
 
 def write_table(path: Path, rows: Sequence[Mapping[str, Any]], schema: pa.Schema, settings: Mapping[str, Any]) -> None:
@@ -69,7 +70,7 @@ def write_table(path: Path, rows: Sequence[Mapping[str, Any]], schema: pa.Schema
     os.close(fd)
     try:
         pq.write_table(table, tmp)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are as readable as any file the user makes
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; results are as readable as any file the user makes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -298,8 +298,26 @@ class LazyTable(nn.Module):
         return self.out(torch.tanh(x + self.proj(self.table)))
 
 
-def test_buffer_made_by_the_forward_is_no_example_batch():
-    model = f64(LazyTable())
+class Positions(nn.Module):
+    """Holds a (T, D) position table as a buffer."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.register_buffer("table", table, persistent=False)
+
+
+class LazySubmodule(LazyTable):
+    """As LazyTable, but the first forward adds a whole submodule holding the buffer."""
+
+    def forward(self, x):
+        if not hasattr(self, "positions"):
+            self.positions = Positions(torch.sin(torch.arange(x.shape[1] * 4, dtype=x.dtype).view(-1, 4)))
+        return self.out(torch.tanh(x + self.proj(self.positions.table)))
+
+
+@pytest.mark.parametrize("kind", [LazyTable, LazySubmodule])
+def test_buffer_made_by_the_forward_is_no_example_batch(kind):
+    model = f64(kind())
     x, y = torch.randn(3, 3, 4, dtype=torch.float64), torch.randint(0, 2, (3, 3))
     layout, engine = param_layout(model), FastEngine()
     got = batch_moments(engine, model, x, y, token_mean_ce, layout, param_moments=False).moments  # builds it

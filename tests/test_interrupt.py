@@ -9,6 +9,8 @@ import time
 import pandas as pd
 import pytest
 
+from gns_sweep.runtime import Cluster, ClusterConfig
+
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_predict_cleanly(tmp_path, signum, code):
@@ -32,3 +34,10 @@ def test_a_signal_stops_predict_cleanly(tmp_path, signum, code):
     # What finished before the interrupt is on disk and readable.
     df = pd.read_parquet(out / "predict.parquet")
     assert df["checkpoint"].min() == 0
+
+
+def test_the_sigterm_handler_from_before_the_cluster_comes_back(ray_address):
+    before = signal.getsignal(signal.SIGTERM)
+    with Cluster(ClusterConfig(address=ray_address)):
+        assert signal.getsignal(signal.SIGTERM) is not before  # ours, not Ray's: stops like Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) is before

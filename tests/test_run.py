@@ -45,6 +45,13 @@ def test_run_writes_everything_and_resumes(ray_address, tmp_path):
     assert "has 1 of 2 checkpoints" in redone.output
     assert set(pd.read_parquet(out / "predict.parquet").checkpoint) == {0, 1}
 
+    # a damaged one too, and the finished trials stay
+    (out / "predict.parquet").write_bytes(b"garbage")
+    redone = runner.invoke(app, ["run", *TINY, "--out", str(out), "--address", ray_address, "--resume"])
+    assert redone.exit_code == 0, redone.output
+    assert "cannot read" in redone.output and "4 already on disk" in redone.output
+    assert set(pd.read_parquet(out / "predict.parquet").checkpoint) == {0, 1}
+
 
 def test_run_bad_input(tmp_path):
     out = tmp_path / "bad"

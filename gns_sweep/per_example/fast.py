@@ -72,7 +72,6 @@ class _Static:
     group_of: dict[int, int]  # id(parameter) -> layout group
     sites: list[_Site]  # the modules with a rule
     param_ids: set[int]  # ids of every parameter of the model
-    modules: tuple[nn.Module, ...]  # every module, for its buffers (model.buffers() costs more per call)
     owned: frozenset[int]  # groups of some site's parameters
     coupling: list[tuple[str, nn.Module]]  # BatchNorm layers, re-checked every call (their mode can change)
 
@@ -158,7 +157,7 @@ class FastEngine:
             check_losses(losses, n)
             total = losses.sum()
             # buffers may be made or replaced by the forward itself (lazy position tables, masks)
-            held = static.param_ids | {id(b) for m in static.modules for b in m._buffers.values() if b is not None}
+            held = static.param_ids | {id(b) for b in model.buffers()}  # submodules made by the forward too
             plan = _make_plan(static, calls, total.grad_fn, n, held, param_moments=param_moments)
             edges = plan.lowest_edges()
             if edges:  # the rules run in the output hooks; the returned gradients are not needed
@@ -195,7 +194,6 @@ class FastEngine:
             group_of,
             sites,
             param_ids,
-            tuple(model.modules()),
             frozenset(g for site in sites for g in site.groups.values()),
             coupling_candidates(model),
         )
