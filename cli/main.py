@@ -64,7 +64,8 @@ def main() -> None:
         code = app(standalone_mode=False)  # parse errors come back as exceptions, not click's boxed usage text
     except _PARSE_ERRORS as exc:
         ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else "gns-sweep"
+        sub = sys.argv[1] if not sys.argv[1].startswith("-") else ""  # click gives no context for some errors
+        where = ctx.command_path if ctx is not None else f"gns-sweep {sub}".strip()
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         if hasattr(exc, "possibilities"):  # an unknown option: click's guesses at what was meant often mislead
             message = f"No such option: {exc.option_name}"
