@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from gns_sweep_cli.common import check_out_dir
 from gns_sweep_cli.main import app
 from typer.testing import CliRunner
 
@@ -71,6 +72,9 @@ def test_an_out_folder_that_cannot_be_made_is_bad_input(tmp_path):
     result = invoke("predict", *SMALL, "--out", new, "--engine", "turbo")
     assert_usage_error(result, "--engine")
     assert not (tmp_path / "a").exists()  # the check that it can be made leaves nothing behind
+    dotted = tmp_path / "absent" / ".." / "res"
+    assert check_out_dir(dotted) == dotted  # '..' over a folder not yet made is fine, as mkdir -p finds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 @pytest.mark.parametrize(
@@ -172,6 +176,7 @@ def test_local_ray_instance_from_a_shell(tmp_path):
 import os, sys, threading, time
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from sockets import descendants, listening
+from gns_sweep_cli.common import check_out_dir
 from gns_sweep_cli.main import app
 
 seen = set()
