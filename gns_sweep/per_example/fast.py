@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class _Static:
     coupling: list[tuple[str, nn.Module]]  # BatchNorm layers, re-checked every call (their mode can change)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Use:
     """One forward call of a rule layer. The plan sets what its output hook does; the backward fills in the rest."""
 
@@ -89,11 +89,12 @@ class _Use:
     names: tuple[str, ...] = ()  # parameters whose statistics the hook computes (single-use ones)
     param_moments: bool = False
     keep_grad: bool = False  # keep the output gradient for the multi-use path
-    stats: dict[str, ParamStats] = field(default_factory=dict)
+    stats: dict[str, ParamStats] | None = None  # set by the hook; None: no gradient reached the output
     grad: torch.Tensor | None = None  # d(sum of losses)/d(output), when kept
 
     def on_grad(self, grad: torch.Tensor) -> None:
-        grad = grad.reshape(self.shape)
+        if grad.shape != self.shape:  # hooked at the base of a reshaped output
+            grad = grad.reshape(self.shape)
         if self.names:
             call = Call(self.x, grad, self.scratch)
             self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
@@ -108,21 +109,7 @@ class _Plan:
     single: dict[int, tuple[_Use, str]]  # one call of one rule layer, and the local parameter name
     multi: dict[int, list[tuple[_Use, str]]]  # several calls: materialise and sum
     fallback: list[int]  # torch.func
-    uses: list[_Use]  # the calls in single and multi, each once
-    below: dict[object, bool]  # graph node -> a planned call's node is it or below
-
-    def lowest_edges(self) -> list[GradientEdge]:
-        """The output edges of the planned calls with no other planned call below them.
-
-        Autograd runs every node between the loss and the edges it is asked for, so the
-        node of a call with another call below it runs anyway, and its output hook fires
-        then. Asking for the lowest edges only keeps autograd from holding each layer's
-        output gradient until the end of the backward."""
-        return [
-            u.edge
-            for u in self.uses
-            if not any(self.below.get(c, False) for c, _ in u.edge.node.next_functions if c is not None)
-        ]
+    edges: list[GradientEdge]  # what to ask autograd for: the output edges of the lowest planned calls
 
 
 class FastEngine:
@@ -156,16 +143,13 @@ class FastEngine:
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            # buffers may be made or replaced by the forward itself (lazy position tables, masks)
-            held = static.param_ids | {id(b) for b in model.buffers()}  # submodules made by the forward too
-            plan = _make_plan(static, calls, total.grad_fn, n, held, param_moments=param_moments)
-            edges = plan.lowest_edges()
-            if edges:  # the rules run in the output hooks; the returned gradients are not needed
-                torch.autograd.grad(total, edges, allow_unused=True)
+            plan = _make_plan(static, calls, total.grad_fn, inputs, model, param_moments=param_moments)
+            if plan.edges:  # the rules run in the output hooks; the returned gradients are not needed
+                torch.autograd.grad(total, plan.edges, allow_unused=True)
         stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
         with torch.no_grad():
             for g, (use, local) in plan.single.items():
-                stats[g] = use.stats.get(local)
+                stats[g] = None if use.stats is None else use.stats.get(local)
             for g, multi in plan.multi.items():
                 stats[g] = _multi_stats(multi, static.params[g], n, param_moments=param_moments)
             if plan.fallback:
@@ -266,82 +250,97 @@ def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
             h.remove()
 
 
-def _walk(root, group_of: dict[int, int], targets: set) -> tuple[dict[int, int], dict[object, bool]]:
-    """One depth-first pass over the graph below `root`: the number of edges into each group's
-    AccumulateGrad node, and for every node visited whether some target node is it or below it."""
+_ACCUMULATE = torch._C._functions.AccumulateGrad  # the node type that puts a gradient into a leaf's .grad
+
+
+def _walk(root) -> tuple[dict[int, int], set]:
+    """One pass over the graph below `root`: the number of edges into each leaf's AccumulateGrad node
+    (by id of the leaf), and every other node reached."""
     counts: dict[int, int] = {}
-    below: dict[object, bool] = {root: False}  # False until the node is finished (post-order)
-    nexts = root.next_functions
-    stack = [(root, nexts, iter(nexts))]
+    seen = {root}
+    stack = [root]
     while stack:  # runs once per micro-batch, after the big matmuls have evicted the interpreter: keep it lean
-        node, nexts, children = stack[-1]
-        for child, _ in children:
+        for child, _ in stack.pop().next_functions:
             if child is None:
                 continue
-            var = getattr(child, "variable", None)  # set only on AccumulateGrad nodes
-            if var is not None:
-                g = group_of.get(id(var))
-                if g is not None:
-                    counts[g] = counts.get(g, 0) + 1
-            elif child not in below:  # a DAG never meets an unfinished node again
-                below[child] = False
-                child_nexts = child.next_functions
-                stack.append((child, child_nexts, iter(child_nexts)))
-                break
-        else:
-            stack.pop()
-            hit = node in targets
-            if not hit:
-                for c, _ in nexts:
-                    if c is not None and below.get(c, False):
-                        hit = True
-                        break
-            below[node] = hit
-    return counts, below
+            if type(child) is _ACCUMULATE:
+                key = id(child.variable)
+                counts[key] = counts.get(key, 0) + 1
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return counts, seen
 
 
-def _make_plan(static: _Static, calls: list[_Use], root, n: int, held: set[int], *, param_moments: bool) -> _Plan:
-    """Route each group (see the module docstring); `held` are ids of the model's parameters and buffers.
+def _reaches(start, targets: set, clear: set) -> bool:
+    """Whether a node in `targets` is `start` or below it. Nodes that reach none are added to `clear`,
+    so a later search stops there; a search stops at the first target found, as calls usually sit
+    right below one another."""
+    if start is None or start in clear:
+        return False
+    stack, visited = [start], {start}
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in visited and child not in clear and type(child) is not _ACCUMULATE:
+                visited.add(child)
+                stack.append(child)
+    clear |= visited
+    return False
+
+
+def _make_plan(
+    static: _Static, calls: list[_Use], root, inputs: torch.Tensor, model: nn.Module, *, param_moments: bool
+) -> _Plan:
+    """Route each group (see the module docstring).
 
     A call of a layer with a rule that reaches the loss uses each of the layer's parameters exactly
     once (true of every registered layer's own forward), so counting reaching calls per parameter
     and comparing with the edges into its AccumulateGrad node finds any use outside them."""
-    group_of, n_groups = static.group_of, len(static.params)
-    targets = {use.edge.node for use in calls}
-    total, below = _walk(root, group_of, targets) if root is not None else ({}, {})
-    uses: dict[int, list[tuple[_Use, str]]] = {g: [] for g in range(n_groups)}
-    owned = static.owned
+    params, n = static.params, inputs.shape[0]
+    edges_into, reached = _walk(root) if root is not None else ({}, set())
+    uses: dict[int, list[tuple[_Use, str]]] = {}
     bad = set()
+    held = None  # ids of the model's parameters and buffers, read only if a call's input is a leaf
     for use in calls:
-        site = use.site
-        if use.edge.node not in below:
+        site, x = use.site, use.x
+        if use.edge.node not in reached:
             continue  # this call's output does not reach the loss
+        if x is not None and x.grad_fn is None and x is not inputs and held is None:
+            # buffers may be made or replaced by the forward itself (lazy position tables, masks)
+            held = static.param_ids | {id(b) for b in model.buffers()}  # submodules made by the forward too
         # a parameter or buffer as input has no example dimension, whatever its size
-        if use.x is None or id(use.x) in held or not site.rule.accepts(site.module, use.x, n):
+        if x is None or (held is not None and id(x) in held) or not site.rule.accepts(site.module, x, n):
             bad.update(site.groups.values())
             continue
         for local, g in site.groups.items():
-            uses[g].append((use, local))
+            uses.setdefault(g, []).append((use, local))
     single, multi, fallback = {}, {}, []
-    for g in range(n_groups):
-        if total.get(g, 0) == 0:
+    planned: dict[int, _Use] = {}  # id -> call, each once, in forward order within each group
+    for g, p in enumerate(params):
+        count = edges_into.get(id(p), 0)
+        if count == 0:
             continue
-        if g not in owned or g in bad or len(uses[g]) != total[g]:
+        found = uses.get(g, ())
+        if g not in static.owned or g in bad or len(found) != count:
             fallback.append(g)
-        elif len(uses[g]) == 1:
-            single[g] = uses[g][0]
-            use, local = single[g]
+        elif count == 1:
+            use, local = single[g] = found[0]
             use.names, use.param_moments = (*use.names, local), param_moments
+            planned[id(use)] = use
         else:
-            multi[g] = uses[g]
-            for use, _ in multi[g]:
+            multi[g] = found
+            for use, _ in found:
                 use.keep_grad = True
-    found = [u for u, _ in single.values()] + [u for us in multi.values() for u, _ in us]
-    planned = list({id(u): u for u in found}.values())
-    nodes = {u.edge.node for u in planned}
-    if nodes != {n for n in targets if n in below}:
-        _, below = _walk(root, {}, nodes)  # a call left out: recount
-    return _Plan(single, multi, fallback, planned, below)
+                planned[id(use)] = use
+    # Autograd runs every node between the loss and the edges it is asked for, so a call with another
+    # planned call below it runs anyway, and its output hook fires then. Asking for the lowest edges only
+    # keeps autograd from holding each layer's output gradient until the end of the backward.
+    nodes, clear = {u.edge.node for u in planned.values()}, set()
+    edges = [u.edge for u in planned.values() if not _reaches(u.x_node, nodes, clear)]
+    return _Plan(single, multi, fallback, edges)
 
 
 def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, param_moments: bool):
