@@ -613,6 +613,37 @@ def test_model_grads_and_hooks_left_alone():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+class Branches(nn.Module):
+    """Two Linear layers on one input: with `trunk`, a shared Linear below both."""
+
+    def __init__(self, trunk: bool):
+        super().__init__()
+        self.trunk = nn.Linear(4, 4) if trunk else nn.Identity()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return self.a(h) + self.b(torch.sin(h))
+
+
+@pytest.mark.parametrize(
+    ("make", "lowest"),
+    [
+        (lambda: seq_model(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)), 1),
+        (lambda: f64(Branches(trunk=False)), 2),  # neither branch is below the other
+        (lambda: f64(Branches(trunk=True)), 1),
+    ],
+)
+def test_autograd_is_asked_for_the_lowest_calls_only(make, lowest, monkeypatch):
+    """Asking autograd for every layer's output gradient would hold them all until the backward ends."""
+    import gns_sweep.per_example.fast as fast
+
+    plans, real = [], fast._make_plan
+    monkeypatch.setattr(fast, "_make_plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    check(make(), torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,)), example_ce)
+    assert plans and all(len(p.edges) == lowest for p in plans)
+
+
 @pytest.mark.parametrize("make", [TiedLM, CharModel])  # with multi-use parameters; rules only
 def test_calls_leave_no_reference_cycles(make):
     """A cycle through a call's autograd graph would keep its activations alive until the garbage

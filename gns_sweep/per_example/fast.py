@@ -186,16 +186,17 @@ class FastEngine:
 
 def _sq_norm_sums(stats: list[ParamStats | None], like: torch.Tensor) -> torch.Tensor:
     """(G,) float64 sum over examples of each group's squared norms, in one reduction when they share a dtype."""
-    present = [g for g, st in enumerate(stats) if st is not None]
-    if not present:
+    norms = [st.sq_norms for st in stats if st is not None]
+    if not norms:
         return torch.zeros(len(stats), dtype=torch.float64, device=like.device)
-    norms = [stats[g].sq_norms for g in present]
-    if len({t.dtype for t in norms}) == 1:
+    dtype = norms[0].dtype
+    if all(t.dtype == dtype for t in norms):
         sums = torch.stack(norms).sum(1, dtype=torch.float64)  # (G_present,)
     else:
         sums = torch.stack([t.sum(dtype=torch.float64) for t in norms])
-    if len(present) == len(stats):
+    if len(norms) == len(stats):
         return sums
+    present = [g for g, st in enumerate(stats) if st is not None]
     out = torch.zeros(len(stats), dtype=torch.float64, device=like.device)
     return out.index_copy_(0, torch.tensor(present, device=like.device), sums)
 
