@@ -115,9 +115,10 @@ class _Plan:
 class FastEngine:
     """Rules on one backward pass (see the module docstring).
 
-    The model's structure -- its layers with rules, parameters and buffers -- is read
-    on the first call and kept while the same model and layout objects come back;
-    after replacing layers or parameters of a model, use a new engine."""
+    The model's structure -- its layers with rules and its parameters -- is read on the
+    first call and kept while the same model and layout objects come back (buffers are
+    read in the call that needs them: a forward may make them); after replacing layers
+    or parameters of a model, use a new engine."""
 
     name = "fast"
 
