@@ -613,6 +613,29 @@ def test_model_grads_and_hooks_left_alone():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_layer_inputs_are_freed_during_the_backward():
+    """Once a layer's rule has run and autograd is done with its input, the engine holds it no longer:
+    otherwise every layer's input would live until the end of the call, beside the growing sums."""
+    import weakref
+
+    model = seq_model(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+    inputs: list[weakref.ref] = []  # the inputs of model[2] and model[4], as the Tanh layers return them
+    alive_at_the_bottom: list[list[bool]] = []
+
+    def keep_ref(module, args, output):
+        inputs.append(weakref.ref(output))
+
+    def at_the_bottom(module, args, output):  # runs after the engine's own hook on this output
+        output.register_hook(lambda d: alive_at_the_bottom.append([r() is not None for r in inputs]))
+
+    model[1].register_forward_hook(keep_ref)
+    model[3].register_forward_hook(keep_ref)
+    model[0].register_forward_hook(at_the_bottom)
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    FastEngine().batch_sums(model, x, y, example_ce, param_layout(model), param_moments=True)
+    assert alive_at_the_bottom == [[False, False]]
+
+
 class Branches(nn.Module):
     """Two Linear layers on one input: with `trunk`, a shared Linear below both."""
 

@@ -100,6 +100,8 @@ class _Use:
             self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
         if self.keep_grad:
             self.grad = grad
+        else:  # done with the input: let autograd free it once the layer below has used it
+            self.x = None
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ def _make_plan(
         for local, g in site.groups.items():
             uses.setdefault(g, []).append((use, local))
     single, multi, fallback = {}, {}, []
-    planned: dict[int, _Use] = {}  # id -> call, each once, in forward order within each group
+    planned: dict[int, _Use] = {}  # id -> call, each call once
     for g, p in enumerate(params):
         count = edges_into.get(id(p), 0)
         if count == 0:
