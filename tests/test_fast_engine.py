@@ -10,6 +10,7 @@ from torch import nn
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example import batch_moments, get_engine, param_layout, shard_moments
+from gns_sweep.per_example.batch_dim import probe_size
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.loop import LoopEngine
 from gns_sweep.per_example.rules import find_rule
@@ -324,6 +325,131 @@ def test_buffer_made_by_the_forward_is_no_example_batch(kind):
     ref = batch_moments(LoopEngine(), model, x, y, token_mean_ce, layout, param_moments=False).moments
     np.testing.assert_allclose(got.m2_group, ref.m2_group, rtol=1e-9)
     np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-9, atol=1e-12)
+
+
+# --- inputs with as many rows as examples, but no examples on dim 0 ---------
+
+
+class LearnedPositions(nn.Module):
+    """GPT-style: token and position embeddings, the positions from arange(T)."""
+
+    def __init__(self, vocab=7, length=4, width=5):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(length, width)
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))))
+
+
+class TableInput(nn.Module):
+    """A Linear on a (T, D) table: a buffer slice, a parameter expression, or a buffer the forward remakes
+    from a parameter (so it is no leaf)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.src = nn.Parameter(torch.randn(3, 4))
+        self.register_buffer("table", torch.randn(8, 4))
+        self.proj, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # (B, T, 4)
+        if self.kind == "slice":
+            t = self.table[: x.shape[1]]
+        elif self.kind == "expr":
+            t = self.src * 1.0
+        else:
+            self.table = self.src * 1.0
+            t = self.table
+        return self.out(torch.tanh(x + self.proj(t)))
+
+
+@pytest.mark.parametrize("n", [3, 4])  # 4: as many examples as positions
+def test_position_table_is_no_example_batch(n, fallback_names):
+    ids, y = torch.randint(0, 7, (n, 4)), torch.randint(0, 7, (n, 4))
+    check(f64(LearnedPositions()), ids, y, token_mean_ce)
+    assert set(fallback_names) <= {("positions.weight",)}
+
+
+@pytest.mark.parametrize("kind", ["slice", "expr", "remade buffer"])
+def test_linear_on_a_table_with_as_many_rows_as_examples(kind, fallback_names):
+    check(f64(TableInput(kind)), torch.randn(3, 3, 4, dtype=torch.float64), torch.randint(0, 2, (3, 3)),
+          token_mean_ce)  # fmt: skip
+    assert fallback_names and all("proj.weight" in names for names in fallback_names)
+
+
+class SequenceFirst(nn.Module):
+    """Layers that see (T, B, D): with T == B, dim 0 looks like the examples but is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)
+
+    def forward(self, x):  # (B, T, 4)
+        h = torch.tanh(self.norm(self.a(x.transpose(0, 1))))  # (T, B, 6)
+        return self.b(h).transpose(0, 1)  # (B, T, 2)
+
+
+def test_sequence_first_layers_with_as_many_positions_as_examples(fallback_names):
+    check(f64(SequenceFirst()), torch.randn(3, 3, 4, dtype=torch.float64), torch.randint(0, 2, (3, 3)), token_mean_ce)
+    assert fallback_names  # every layer sees positions on dim 0: all go to the fallback
+
+
+class FixedBatch(nn.Module):
+    """Runs only on one example (the loop) or n, so the probe at another size fails and finds nothing."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.a, self.b = n, nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.shape[0] not in (1, self.n):
+            raise ValueError(f"this model takes 1 or {self.n} examples, not {x.shape[0]}")
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_model_bound_to_its_batch_size_still_works(fallback_names):
+    check(f64(FixedBatch(5)), torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)), example_ce)
+    assert fallback_names == []
+
+
+def test_probe_keeps_the_random_state_and_runs_once():
+    model = seq_model(nn.Linear(4, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)).train()
+    x, y, layout = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)), param_layout(model)
+    warm = FastEngine()
+    warm.batch_sums(model, x, y, example_ce, layout, param_moments=False)  # probes
+    state = torch.get_rng_state()
+    fresh_sums = FastEngine().batch_sums(model, x, y, example_ce, layout, param_moments=False)  # probes
+    after_fresh = torch.get_rng_state()
+    torch.set_rng_state(state)
+    warm_sums = warm.batch_sums(model, x, y, example_ce, layout, param_moments=False)  # does not
+    assert torch.equal(torch.get_rng_state(), after_fresh)  # the probe drew no random numbers
+    assert torch.equal(fresh_sums.sq_norm_sum, warm_sums.sq_norm_sum)  # the same dropout masks
+
+
+def test_probe_size_avoids_the_batch_and_every_row_count():
+    assert probe_size(5, [5, 3]) == 2
+    assert probe_size(2, [2, 3, 4]) == 5
+    assert probe_size(1, []) == 2
+
+
+class InnerGradient(nn.Module):
+    """A forward that differentiates through a rule layer itself: output hooks fire before the plan."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.p(x))
+        h = torch.tanh(self.a(h0))
+        (g,) = torch.autograd.grad(self.b(h).sum(), h0, retain_graph=True)  # a feature with no graph
+        return self.c(h) + g.sum(1, keepdim=True)
+
+
+def test_backward_inside_the_forward(fallback_names):
+    check(f64(InnerGradient()), torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)), example_ce)
+    assert fallback_names == []
 
 
 # --- tied, reused, frozen, fallback ------------------------------------------

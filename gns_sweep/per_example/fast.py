@@ -23,8 +23,10 @@ outside the layer's forward such as F.linear(h, self.embed.weight) -- the
 parameter goes to the torch.func fallback.
 
 Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
-whose dim 0 is not the micro-batch size, or whose input is one of the model's
-parameters or buffers, goes to the fallback. Sums over the examples of one
+whose dim 0 is not the micro-batch size, whose input is one of the model's
+parameters or buffers, or of a layer whose input did not follow the batch when
+the model ran once more at another batch size (batch_dim: a position table with
+as many rows as examples), goes to the fallback. Sums over the examples of one
 micro-batch are taken in the model's dtype (they replace the weight-gradient
 matmul, ~1e-7 relative in float32) and returned as `BatchSums`; the caller
 folds them into float64 (sums.SumAccumulator). So when the examples' gradients
@@ -45,6 +47,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gns_sweep.per_example.base import LossFn, check_losses, coupling_candidates, refuse_coupled
+from gns_sweep.per_example.batch_dim import off_batch_modules
 from gns_sweep.per_example.general import per_example_grads
 from gns_sweep.per_example.layout import TOTAL, ParamLayout
 from gns_sweep.per_example.rules import Call, ParamStats, Rule, find_rule
@@ -100,8 +103,8 @@ class _Use:
             self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
         if self.keep_grad:
             self.grad = grad
-        else:  # done with the input: let autograd free it once the layer below has used it
-            self.x = None
+        elif self.names:  # the planned rule has run: let autograd free the input once the layer below used it
+            self.x = None  # (a hook that fires before the plan, in a backward inside the forward, keeps it)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class FastEngine:
     def __init__(self) -> None:
         self._scratch = Scratch()  # kept between calls: see rules.base.Scratch
         self._static: _Static | None = None
+        self._off_batch: tuple[_Static, set[int]] | None = None  # ids of sites whose input is no batch (batch_dim)
 
     def batch_sums(
         self,
@@ -146,7 +150,12 @@ class FastEngine:
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            plan = _make_plan(static, calls, total.grad_fn, inputs, model, param_moments=param_moments)
+            if self._off_batch is None or self._off_batch[0] is not static:  # once per model: see batch_dim
+                seen = [u.x.shape[0] for u in calls if u.x is not None and u.x.dim() > 0]
+                modules = off_batch_modules(model, inputs, [site.module for site in static.sites], seen)
+                self._off_batch = (static, {id(site) for site in static.sites if id(site.module) in modules})
+            off_batch = self._off_batch[1]
+            plan = _make_plan(static, calls, total.grad_fn, inputs, model, off_batch, param_moments=param_moments)
             if plan.edges:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, plan.edges, allow_unused=True)
         stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
@@ -276,29 +285,51 @@ def _walk(root) -> tuple[dict[int, int], set]:
     return counts, seen
 
 
-def _reaches(start, targets: set, clear: set) -> bool:
-    """Whether a node in `targets` is `start` or below it. Nodes that reach none are added to `clear`,
-    so a later search stops there; a search stops at the first target found, as calls usually sit
-    right below one another."""
-    if start is None or start in clear:
+def _reaches(start, targets: set, memo: dict) -> bool:
+    """Whether a node in `targets` is `start` or below it; `memo` (node -> answer) is shared between
+    searches, so each node is looked at once however many calls sit above it. A node's search ends at
+    the first target found, as calls usually sit right below one another."""
+    if start is None:
         return False
-    stack, visited = [start], {start}
-    while stack:
-        node = stack.pop()
-        if node in targets:
-            return True
-        for child, _ in node.next_functions:
-            if child is not None and child not in visited and child not in clear and type(child) is not _ACCUMULATE:
-                visited.add(child)
-                stack.append(child)
-    clear |= visited
-    return False
+    if start in targets:
+        return True
+    if start in memo:
+        return memo[start]
+    frames = [[start, iter(start.next_functions), False]]  # node, its children still to look at, found
+    while frames:
+        frame = frames[-1]
+        if not frame[2]:
+            for child, _ in frame[1]:
+                if child is None or type(child) is _ACCUMULATE:
+                    continue
+                if child in targets or memo.get(child, False):
+                    frame[2] = True
+                    break
+                if child not in memo:  # a DAG: an unfinished node is never met again below itself
+                    frames.append([child, iter(child.next_functions), False])
+                    break
+            else:
+                frame[1] = None  # every child looked at
+            if frame[1] is not None and not frame[2]:
+                continue  # a child was pushed: look at it first
+        frames.pop()
+        memo[frame[0]] = frame[2]
+        if frame[2] and frames:
+            frames[-1][2] = True
+    return memo[start]
 
 
 def _make_plan(
-    static: _Static, calls: list[_Use], root, inputs: torch.Tensor, model: nn.Module, *, param_moments: bool
+    static: _Static,
+    calls: list[_Use],
+    root,
+    inputs: torch.Tensor,
+    model: nn.Module,
+    off_batch: set[int],
+    *,
+    param_moments: bool,
 ) -> _Plan:
-    """Route each group (see the module docstring).
+    """Route each group (see the module docstring); `off_batch` are ids of sites whose input is no batch.
 
     A call of a layer with a rule that reaches the loss uses each of the layer's parameters exactly
     once (true of every registered layer's own forward), so counting reaching calls per parameter
@@ -316,7 +347,12 @@ def _make_plan(
             # buffers may be made or replaced by the forward itself (lazy position tables, masks)
             held = static.param_ids | {id(b) for b in model.buffers()}  # submodules made by the forward too
         # a parameter or buffer as input has no example dimension, whatever its size
-        if x is None or (held is not None and id(x) in held) or not site.rule.accepts(site.module, x, n):
+        if (
+            x is None
+            or id(site) in off_batch
+            or (held is not None and id(x) in held)
+            or not site.rule.accepts(site.module, x, n)
+        ):
             bad.update(site.groups.values())
             continue
         for local, g in site.groups.items():
@@ -342,8 +378,8 @@ def _make_plan(
     # Autograd runs every node between the loss and the edges it is asked for, so a call with another
     # planned call below it runs anyway, and its output hook fires then. Asking for the lowest edges only
     # keeps autograd from holding each layer's output gradient until the end of the backward.
-    nodes, clear = {u.edge.node for u in planned.values()}, set()
-    edges = [u.edge for u in planned.values() if not _reaches(u.x_node, nodes, clear)]
+    nodes, memo = {u.edge.node for u in planned.values()}, {}
+    edges = [u.edge for u in planned.values() if not _reaches(u.x_node, nodes, memo)]
     return _Plan(single, multi, fallback, edges)
 
 
