@@ -8,8 +8,9 @@ and give wrong statistics. So once per model the engine runs the model again
 on m examples, with m unlike the micro-batch size and every dim 0 of the call
 it probes, and records each layer's inputs: a layer whose input does not then
 have m rows is no batch-first layer for this model, and its parameters take
-the fallback. The probe has no gradient, keeps the random number state, and
-if the model cannot run on m examples, it finds nothing (the shape check stays).
+the fallback. The probe has no gradient and keeps the random number state; if
+the model cannot run so (bound to one batch size, or differentiating inside its
+forward), it finds nothing and the shape check stays.
 """
 
 from __future__ import annotations
