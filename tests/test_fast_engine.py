@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch import nn
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example import batch_moments, get_engine, param_layout, shard_moments
-from gns_sweep.per_example.batch_dim import probe_size
+from gns_sweep.per_example.batch_dim import probe_sizes
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.loop import LoopEngine
 from gns_sweep.per_example.rules import find_rule
@@ -427,10 +430,48 @@ def test_probe_keeps_the_random_state_and_runs_once():
     assert torch.equal(fresh_sums.sq_norm_sum, warm_sums.sq_norm_sum)  # the same dropout masks
 
 
-def test_probe_size_avoids_the_batch_and_every_row_count():
-    assert probe_size(5, [5, 3]) == 2
-    assert probe_size(2, [2, 3, 4]) == 5
-    assert probe_size(1, []) == 2
+class RunningScale(nn.Module):
+    """Updates buffers in place in its forward, after the lowest layer: a running scale and a counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("scale", torch.ones(6))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            self.scale.mul_(0.9).add_(0.1 * h.abs().mean(0))
+            self.calls += 1
+        return self.b(torch.tanh(h / self.scale))
+
+
+def test_probe_leaves_the_buffers_as_one_forward_does():
+    model = f64(RunningScale())
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    FastEngine().batch_sums(model, x, y, example_ce, param_layout(model), param_moments=False)  # probes first
+    twin(x)
+    assert float(model.calls) == 1.0
+    torch.testing.assert_close(model.scale, twin.scale, rtol=0, atol=0)
+
+
+def test_an_empty_first_call_does_not_settle_the_probe(fallback_names):
+    model, engine = f64(LearnedPositions()), FastEngine()
+    layout = param_layout(model)  # the same model and layout: the engine keeps what it read
+    ids, y = torch.randint(0, 7, (4, 4)), torch.randint(0, 7, (4, 4))
+    with contextlib.suppress(RuntimeError):  # nothing to probe with
+        engine.batch_sums(model, ids[:0], y[:0], token_mean_ce, layout, param_moments=False)
+    fallback_names.clear()
+    engine.batch_sums(model, ids, y, token_mean_ce, layout, param_moments=False)
+    assert fallback_names == [("positions.weight",)]
+
+
+def test_probe_sizes_avoid_the_batch():
+    assert probe_sizes(5) == (2, 3)
+    assert probe_sizes(2) == (3, 4)
+    assert probe_sizes(3) == (2, 4)
 
 
 class InnerGradient(nn.Module):

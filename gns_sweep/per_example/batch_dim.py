@@ -1,55 +1,83 @@
-"""Which layers' inputs carry the examples on dim 0: a probe at another batch size.
+"""Which layers' inputs carry the examples on dim 0: probes at two other batch sizes.
 
 The rules read dim 0 of a layer's input as the examples. Its size alone cannot
 tell a batch from a table that happens to have as many rows as the micro-batch
 has examples -- a position table `wpe(arange(T))` with T == B, a buffer slice,
-a parameter expression -- and such a call would be taken for per-example terms
-and give wrong statistics. So once per model the engine runs the model again
-on m examples, with m unlike the micro-batch size and every dim 0 of the call
-it probes, and records each layer's inputs: a layer whose input does not then
-have m rows is no batch-first layer for this model, and its parameters take
-the fallback. The probe has no gradient and keeps the random number state; if
-the model cannot run so (bound to one batch size, or differentiating inside its
-forward), it finds nothing and the shape check stays.
+a parameter expression, a sequence-first layer -- and such a call would be
+taken for per-example terms and give wrong statistics. So before its first
+call on a model the engine runs the model on m1 and on m2 examples (two sizes
+other than the micro-batch's) and records each layer's inputs: a layer whose
+input does not have m rows at both is no batch-first layer for this model (a
+table's row count can match one of the sizes, never both), and its parameters
+take the fallback.
+
+The probes run without gradients, before the engine's own forward; the random
+number state and the model's buffers (running averages, power iterations, a
+lazy table) are put back afterwards. If the model cannot run so (bound to one
+batch size, or differentiating inside its forward), they find nothing and the
+shape check stays.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 
-def probe_size(n: int, seen: Iterable[int]) -> int:
-    """The smallest m >= 2 that is neither n nor any dim 0 seen."""
-    taken = {n, *seen}
-    return next(m for m in itertools.count(2) if m not in taken)
+def probe_sizes(n: int) -> tuple[int, int]:
+    """Two batch sizes >= 2 other than n."""
+    m1, m2, *_ = (m for m in (2, 3, 4) if m != n)
+    return m1, m2
 
 
-def off_batch_modules(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], seen: Iterable[int]) -> set:
-    """Ids of the modules, among `modules`, that were called on an input whose dim 0 does not follow the
-    batch when the model runs on m examples; `seen` are the dim 0 sizes of the call being probed."""
+def off_batch_modules(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module]) -> set[int]:
+    """Ids of the modules, among `modules`, called on an input whose dim 0 does not follow the batch
+    when the model runs on examples of `inputs` at two other batch sizes."""
     n = inputs.shape[0]
-    if n == 0:
-        return set()
-    m = probe_size(n, seen)
-    rows: dict[int, set[int]] = {}  # id(module) -> dim 0 sizes of its inputs
+    rows: dict[int, set[int]] = {}  # id(module) -> dim 0 sizes of its inputs, as a size relative to the probe
+    size = 0  # the running probe's batch size
 
     def record(module, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(x, torch.Tensor) and x.dim() > 0:
-            rows.setdefault(id(module), set()).add(x.shape[0])
+            rows.setdefault(id(module), set()).add(x.shape[0] == size)
 
     handles = [mod.register_forward_hook(record, with_kwargs=True) for mod in modules]
     devices = [inputs.device] if inputs.device.type != "cpu" else []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=inputs.device.type):
-            model(inputs[torch.arange(m, device=inputs.device) % n])  # (m, ...): rows repeat if n < m
+            for size in probe_sizes(n):
+                with _buffers_kept(model):
+                    model(inputs[torch.arange(size, device=inputs.device) % n])  # (size, ...): rows repeat
     except Exception:  # any failure (a model bound to one batch size): keep the shape check alone
         return set()
     finally:
         for h in handles:
             h.remove()
-    return {key for key, sizes in rows.items() if sizes != {m}}
+    return {key for key, follows in rows.items() if follows != {True}}
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module):
+    """Undo what a forward does to the model's buffers: in-place updates, re-assignments, new ones."""
+    saved = [
+        (mod, name, buf, None if buf is None else (buf._version, buf.detach().clone()))
+        for mod in model.modules()
+        for name, buf in mod._buffers.items()
+    ]
+    names = {id(mod): set(mod._buffers) for mod in model.modules()}
+    try:
+        yield
+    finally:
+        for mod, name, buf, old in saved:
+            if old is not None and buf._version != old[0]:  # changed in place
+                buf.copy_(old[1])
+            mod._buffers[name] = buf
+        for mod in model.modules():
+            if id(mod) not in names:
+                continue  # a submodule the probe's forward made: the model keeps it, as it would its own
+            for name in [k for k in mod._buffers if k not in names[id(mod)]]:
+                del mod._buffers[name]  # made by the probe's forward: the engine's own forward makes it again
+                mod._non_persistent_buffers_set.discard(name)

@@ -25,8 +25,8 @@ parameter goes to the torch.func fallback.
 Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
 whose dim 0 is not the micro-batch size, whose input is one of the model's
 parameters or buffers, or of a layer whose input did not follow the batch when
-the model ran once more at another batch size (batch_dim: a position table with
-as many rows as examples), goes to the fallback. Sums over the examples of one
+the model ran at two other batch sizes (batch_dim: a position table with as many
+rows as examples), goes to the fallback. Sums over the examples of one
 micro-batch are taken in the model's dtype (they replace the weight-gradient
 matmul, ~1e-7 relative in float32) and returned as `BatchSums`; the caller
 folds them into float64 (sums.SumAccumulator). So when the examples' gradients
@@ -145,16 +145,15 @@ class FastEngine:
         static = self._read(model, layout)
         refuse_coupled(static.coupling)
         n = inputs.shape[0]
+        if n and (self._off_batch is None or self._off_batch[0] is not static):  # once per model: see batch_dim
+            modules = off_batch_modules(model, inputs, [site.module for site in static.sites])
+            self._off_batch = (static, {id(site) for site in static.sites if id(site.module) in modules})
+        off_batch = self._off_batch[1] if self._off_batch is not None else set()
         calls: list[_Use] = []  # filled by the forward hooks
         with torch.enable_grad(), _recording(static.sites, calls, self._scratch):
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            if self._off_batch is None or self._off_batch[0] is not static:  # once per model: see batch_dim
-                seen = [u.x.shape[0] for u in calls if u.x is not None and u.x.dim() > 0]
-                modules = off_batch_modules(model, inputs, [site.module for site in static.sites], seen)
-                self._off_batch = (static, {id(site) for site in static.sites if id(site.module) in modules})
-            off_batch = self._off_batch[1]
             plan = _make_plan(static, calls, total.grad_fn, inputs, model, off_batch, param_moments=param_moments)
             if plan.edges:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, plan.edges, allow_unused=True)
