@@ -36,7 +36,7 @@ def off_batch_modules(model: nn.Module, inputs: torch.Tensor, modules: list[nn.M
     """Ids of the modules, among `modules`, called on an input whose dim 0 does not follow the batch
     when the model runs on examples of `inputs` at two other batch sizes."""
     n = inputs.shape[0]
-    rows: dict[int, set[int]] = {}  # id(module) -> dim 0 sizes of its inputs, as a size relative to the probe
+    rows: dict[int, set[bool]] = {}  # id(module) -> whether each of its inputs had the probe's batch size
     size = 0  # the running probe's batch size
 
     def record(module, args, kwargs, output):
