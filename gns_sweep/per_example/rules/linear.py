@@ -18,12 +18,16 @@ class LinearRule(Rule):
         out: dict[str, ParamStats] = {}
         if x.dim() == 2:  # one position per example: ||g_i||^2 = ||x_i||^2 ||d_i||^2, sum_i g_i^2 = (d^2)^T (x^2)
             if param_moments:
-                d2, x2 = d.square(), x.square()  # (B, out), (B, in)
+                # the squares go before the weight-gradient matmul: its output would otherwise sit beside them
+                d2 = d.square()  # (B, out)
                 d_norms = d2.sum(1)  # (B,)
-                if "weight" in names:
-                    out["weight"] = ParamStats(d.T @ x, x2.sum(1) * d_norms, d2.T @ x2)
                 if "bias" in names:
                     out["bias"] = ParamStats(d.sum(0), d_norms, d2.sum(0))
+                if "weight" in names:
+                    x2 = x.square()  # (B, in)
+                    norms, sq_sum = x2.sum(1).mul_(d_norms), d2.T @ x2
+                    del d2, x2
+                    out["weight"] = ParamStats(d.T @ x, norms, sq_sum)
                 return out
             d_norms = torch.linalg.vector_norm(d, dim=1).square_()  # (B,), with no squared copy of d or x
             if "weight" in names:
