@@ -4,7 +4,9 @@ glibc's malloc returns large freed blocks to the kernel (munmap, or trimming
 the heap top), so a loop that frees and reallocates the same tensors every step
 page-faults them in again each time. Measured here on a plain training step of
 an MLP (784-512-512-10, batch 256): ~700 page faults per step; with the fast
-engine 1500-2500 per micro-batch, a tenth to a fifth of its time. PyTorch's CPU
+engine 100-900 per micro-batch on average, up to 2000 in one call (glibc adapts
+its mmap threshold to earlier frees, so the count depends on their order), and
+~3900 at glibc's fixed default threshold. PyTorch's CPU
 performance guide suggests a caching allocator for this; these two glibc
 settings do the same job without a dependency. Freed memory is then reused by
 the next step, and the process keeps its peak footprint.

@@ -1,5 +1,6 @@
 """keep_freed_memory: the fast engine's tensors are reused instead of page-faulted in on every call."""
 
+import os
 import subprocess
 import sys
 
@@ -21,20 +22,28 @@ loss = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")
 engine, layout = FastEngine(), param_layout(model)
 for _ in range(3):
     engine.batch_sums(model, x, y, loss, layout, param_moments=True)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+faults = []
+for _ in range(21):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     engine.batch_sums(model, x, y, loss, layout, param_moments=True)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[10])  # the median call: a one-off growth of the heap is not what this measures
 """
+
+# glibc's default mmap threshold, fixed: set in the environment it turns off glibc's adaptive threshold, whose
+# verdict on a given call depends on the order of earlier frees (0 to 2000 faults per call here)
+GLIBC_DEFAULT = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def faults_per_call(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True).stdout
-    return float(out.strip())
+    env = {**os.environ, **GLIBC_DEFAULT}
+    cmd = [sys.executable, "-c", PROBE, mode]
+    return float(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_reused():
     default, kept = faults_per_call("default"), faults_per_call("kept")
-    # this machine's glibc: ~1900-2500 page faults per call by default (the call's tensors are ~8 MB), 0-30 kept
+    # this machine: ~3900 page faults per call at that threshold, 0 kept
+    assert default >= 200, default  # else this workload no longer shows what the setting is for
     assert kept <= max(20.0, default / 10), (default, kept)
