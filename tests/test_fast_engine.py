@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -176,6 +177,46 @@ def test_conv(conv, n):
     model = seq_model(layer, nn.Tanh(), nn.Flatten())
     y = torch.randn(model(x).shape, dtype=torch.float64)
     check(model, x, y, half_sq)
+
+
+def padded_later(conv, padding):
+    conv.padding = padding  # the forward reads it at call time; __init__'s padding amounts go stale
+    return conv
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: padded_later(nn.Conv1d(2, 4, 3, stride=3), (1,)),  # the same output length: wrong, silently
+        lambda: padded_later(nn.Conv2d(2, 3, 3), (1, 2)),
+        lambda: padded_later(nn.Conv1d(2, 3, 4), "same"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_conv_padding_changed_after_construction(conv):
+    model = seq_model(conv(), nn.Tanh(), nn.Flatten())
+    x = torch.randn(3, 2, *([9] * (model[0].weight.dim() - 2)), dtype=torch.float64)
+    check(model, x, torch.randn(model(x).shape, dtype=torch.float64), half_sq)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """PixelCNN-style: keeps Conv2d.forward, masks the weight in _conv_forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        mask = torch.ones_like(self.weight)
+        mask[:, :, 1, 2:] = mask[:, :, 2:] = 0
+        self.register_buffer("mask", mask)
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight * self.mask, bias)
+
+
+def test_conv_subclass_that_masks_its_weight_has_no_rule(fallback_names):
+    assert find_rule(MaskedConv2d(2, 3, 3)) is None
+    model = seq_model(MaskedConv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten())
+    check(model, torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 48, dtype=torch.float64), half_sq)
+    assert fallback_names == [("0.weight", "0.bias")] * 2
 
 
 # --- Embedding ----------------------------------------------------------------
@@ -493,6 +534,29 @@ def test_backward_inside_the_forward(fallback_names):
     assert fallback_names == []
 
 
+class SpecialTokens(nn.Module):
+    """A projector applied only to the special tokens (id >= 7), skipped when a batch has none: the probe's
+    first examples have none, so it never sees the layer, whose input then has a data-dependent row count."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj, self.out = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        special = ids >= 7
+        if special.any():  # control flow on the data: torch.func cannot vmap it either
+            h = h.masked_scatter(special.unsqueeze(-1), self.proj(h[special]))
+        return self.out(torch.tanh(h))
+
+
+def test_a_layer_the_probe_never_called_is_not_taken_for_batch_first(fallback_names):
+    ids = torch.tensor([[0, 2, 4], [6, 1, 0], [2, 2, 4], [7, 8, 0], [9, 7, 8]])  # 5 special tokens, 5 examples
+    with pytest.warns(RuntimeWarning, match=r"proj\.weight, proj\.bias .*one backward per example"):
+        check(f64(SpecialTokens()), ids, ids.roll(1, 1), token_mean_ce)
+    assert fallback_names == [("proj.weight", "proj.bias")] * 2
+
+
 # --- tied, reused, frozen, fallback ------------------------------------------
 
 
@@ -643,6 +707,103 @@ def test_attention_block_falls_back_where_needed(fallback_names):
     # out_proj is a Linear whose forward MultiheadAttention never calls: the graph check catches it
     names = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias")
     assert fallback_names == [names] * 2
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn, self.out = cell(3, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):  # (B, T, 3)
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_layers_torch_func_cannot_vmap_take_the_loop_once_warned(cell, fallback_names):
+    model, engine = f64(Recurrent(cell)), FastEngine()
+    x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    layout = param_layout(model)
+    with pytest.warns(RuntimeWarning, match="rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0 and 1 more"):
+        first = engine.batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per model: the engine goes to the loop straight away
+        again = engine.batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    assert len(fallback_names) == 1
+    ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    for sums in (first, again):
+        torch.testing.assert_close(sums.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)
+        for a, b in zip([*sums.grad_sum, *sums.param_sq_sum], [*ref.grad_sum, *ref.param_sq_sum], strict=True):
+            torch.testing.assert_close(a.double().reshape(-1), b.reshape(-1), rtol=1e-9, atol=1e-12)
+
+
+def test_global_hooks_that_replace_outputs_are_respected():
+    model = seq_model(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    replace = lambda module, args, output: 2 * output if isinstance(module, nn.Linear) else None  # noqa: E731
+    handle = nn.modules.module.register_module_forward_hook(replace)
+    try:
+        check(model, torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)), example_ce)
+        assert len(nn.modules.module._global_forward_hooks) == 1  # the user's hook stays, ours is gone
+    finally:
+        handle.remove()
+
+
+class ChangedInput(nn.Module):
+    """Changes a norm layer's input in place after the call; RMSNorm's backward does not need it, but its
+    rule would read the changed values."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.out = nn.RMSNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x.detach().clone()  # needs no gradient, so autograd never checks its version
+        y = self.norm(h)
+        h.mul_(3.0)
+        return self.out(y + 0.1 * h)
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="torch < 2.4")
+def test_input_changed_in_place_after_the_call_falls_back(fallback_names):
+    model = f64(ChangedInput())
+    with torch.no_grad():
+        model.norm.weight.add_(torch.randn(4, dtype=torch.float64))
+    check(model, torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)), example_ce)
+    assert fallback_names == [("norm.weight",)] * 2
+
+
+def test_float16_squares_do_not_overflow():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)).half()  # every gradient entry below 65504...
+    x, y = (300 * torch.randn(5, 6)).half(), torch.randint(0, 3, (5,))  # ...but their squares above it
+    layout = param_layout(model)
+    fast = FastEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    assert float(ref.sq_norm_sum.max()) > 65504
+    torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=2e-3, atol=0)
+    for a, b in zip(fast.param_sq_sum, ref.param_sq_sum, strict=True):
+        torch.testing.assert_close(a.double(), b.reshape(a.shape), rtol=2e-3, atol=1e-3)
+
+
+class Autocast(nn.Module):
+    """A forward that runs one layer under autocast: its output gradient is bfloat16, its input float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.tanh(self.hidden(x))
+        return self.out(h.float())
+
+
+def test_autocast_inside_the_forward():
+    torch.manual_seed(0)
+    model, x, y = Autocast(), torch.randn(5, 8), torch.randint(0, 3, (5,))
+    layout = param_layout(model)
+    fast = FastEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)  # bfloat16 gradients
+    torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=2e-2, atol=0)
 
 
 # --- float32 ------------------------------------------------------------------

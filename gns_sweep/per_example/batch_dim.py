@@ -6,10 +6,12 @@ has examples -- a position table `wpe(arange(T))` with T == B, a buffer slice,
 a parameter expression, a sequence-first layer -- and such a call would be
 taken for per-example terms and give wrong statistics. So before its first
 call on a model the engine runs the model on m1 and on m2 examples (two sizes
-other than the micro-batch's) and records each layer's inputs: a layer whose
-input does not have m rows at both is no batch-first layer for this model (a
-table's row count can match one of the sizes, never both), and its parameters
-take the fallback.
+other than the micro-batch's) and records each layer's inputs: only a layer
+whose every input had m rows at both is batch-first for this model (a table's
+row count can match one of the sizes, never both). The others take the
+fallback, and so does a layer the probes never called, as a layer that only
+some examples reach (a projector of special tokens) is called on a data-
+dependent number of rows.
 
 The probes run without gradients, before the engine's own forward; the random
 number state and the model's buffers (running averages, power iterations, a
@@ -32,9 +34,9 @@ def probe_sizes(n: int) -> tuple[int, int]:
     return m1, m2
 
 
-def off_batch_modules(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module]) -> set[int]:
-    """Ids of the modules, among `modules`, called on an input whose dim 0 does not follow the batch
-    when the model runs on examples of `inputs` at two other batch sizes."""
+def batch_first_modules(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module]) -> set[int] | None:
+    """Ids of the modules, among `modules`, whose every input's dim 0 followed the batch when the model
+    ran on examples of `inputs` at two other batch sizes; None if it could not run so."""
     n = inputs.shape[0]
     rows: dict[int, set[bool]] = {}  # id(module) -> whether each of its inputs had the probe's batch size
     size = 0  # the running probe's batch size
@@ -52,11 +54,11 @@ def off_batch_modules(model: nn.Module, inputs: torch.Tensor, modules: list[nn.M
                 with _buffers_kept(model):
                     model(inputs[torch.arange(size, device=inputs.device) % n])  # (size, ...): rows repeat
     except Exception:  # any failure (a model bound to one batch size): keep the shape check alone
-        return set()
+        return None
     finally:
         for h in handles:
             h.remove()
-    return {key for key, follows in rows.items() if follows != {True}}
+    return {key for key, follows in rows.items() if follows == {True}}
 
 
 @contextmanager

@@ -20,23 +20,31 @@ call -> the rule's statistics; several calls (tied weights, a layer used twice)
 -> the calls' per-example gradients are materialised and summed, as norms of the
 parts do not add. Otherwise -- no rule, a call the rule cannot take, or a use
 outside the layer's forward such as F.linear(h, self.embed.weight) -- the
-parameter goes to the torch.func fallback.
+parameter goes to the torch.func fallback -- or, where torch.func cannot vmap the
+model (an RNN, control flow on the data), to one backward per example, with a
+warning once per model.
 
 Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
 whose dim 0 is not the micro-batch size, whose input is one of the model's
-parameters or buffers, or of a layer whose input did not follow the batch when
-the model ran at two other batch sizes (batch_dim: a position table with as many
-rows as examples), goes to the fallback. Sums over the examples of one
+parameters or buffers or was changed in place after the call, or of a layer
+whose input did not follow the batch when the model ran at two other batch sizes
+or that those runs never called (batch_dim: a position table with as many rows
+as examples), goes to the fallback. A rule computes in the wider dtype of its
+input and output gradient (autocast inside the forward) and in float32 for
+float16, whose squares overflow. Sums over the examples of one
 micro-batch are taken in the model's dtype (they replace the weight-gradient
 matmul, ~1e-7 relative in float32) and returned as `BatchSums`; the caller
 folds them into float64 (sums.SumAccumulator). So when the examples' gradients
 are nearly alike (B_simple << 1), tr(Sigma), a small difference of float32 sums,
 keeps few digits. A tensor hook registered on a layer's output after the
-forward runs after the engine's, so the rule does not see what it changes.
+forward runs after the engine's, so the rule does not see what it changes. Global
+forward hooks (register_module_forward_hook) run before a module's own, so while
+there are any, the engine records the calls with one of its own put first.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,11 +53,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.nn.modules.module import _global_forward_hooks, register_module_forward_hook
 
+from gns_sweep.errors import UsageError
 from gns_sweep.per_example.base import LossFn, check_losses, coupling_candidates, refuse_coupled
-from gns_sweep.per_example.batch_dim import off_batch_modules
+from gns_sweep.per_example.batch_dim import batch_first_modules
 from gns_sweep.per_example.general import per_example_grads
 from gns_sweep.per_example.layout import TOTAL, ParamLayout
+from gns_sweep.per_example.loop import loop_grads
 from gns_sweep.per_example.rules import Call, ParamStats, Rule, find_rule
 from gns_sweep.per_example.rules.base import Scratch, stats_of
 from gns_sweep.per_example.rules.outer import CHUNK_BYTES
@@ -89,6 +100,8 @@ class _Use:
     edge: GradientEdge  # where the gradient of the call's output arrives
     shape: torch.Size  # the output's shape (the hooked tensor may be its base, see _recording)
     scratch: Scratch  # the engine's reusable buffer for the rule's largest intermediate
+    version: int  # x's version counter at call time: an in-place change after the call means the rule would
+    # read another input than the layer's (None-input calls and inference tensors: 0)
     names: tuple[str, ...] = ()  # parameters whose statistics the hook computes (single-use ones)
     param_moments: bool = False
     keep_grad: bool = False  # keep the output gradient for the multi-use path
@@ -96,15 +109,30 @@ class _Use:
     grad: torch.Tensor | None = None  # d(sum of losses)/d(output), when kept
 
     def on_grad(self, grad: torch.Tensor) -> None:
+        if not (self.names or self.keep_grad):
+            return  # not planned, or fired before the plan (a backward inside the forward)
         if grad.shape != self.shape:  # hooked at the base of a reshaped output
             grad = grad.reshape(self.shape)
+        if self.x.dtype != grad.dtype or grad.dtype == torch.float16:
+            self.x, grad = _common_dtype(self.x, grad)
         if self.names:
             call = Call(self.x, grad, self.scratch)
             self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
         if self.keep_grad:
             self.grad = grad
-        elif self.names:  # the planned rule has run: let autograd free the input once the layer below used it
-            self.x = None  # (a hook that fires before the plan, in a backward inside the forward, keeps it)
+        else:  # the planned rule has run: let autograd free the input once the layer below used it
+            self.x = None
+
+
+def _common_dtype(x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input and output gradient in one dtype for its rule: the wider of the two (autocast inside
+    the forward computes a layer in another dtype than its input's), and float32 for float16, whose squares
+    overflow from 256 on. Token ids stay integers."""
+    if not x.is_floating_point():
+        return x, grad.float() if grad.dtype == torch.float16 else grad
+    dtype = torch.promote_types(x.dtype, grad.dtype)
+    dtype = torch.float32 if dtype == torch.float16 else dtype
+    return x.to(dtype), grad.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -130,7 +158,9 @@ class FastEngine:
     def __init__(self) -> None:
         self._scratch = Scratch()  # kept between calls: see rules.base.Scratch
         self._static: _Static | None = None
-        self._off_batch: tuple[_Static, set[int]] | None = None  # ids of sites whose input is no batch (batch_dim)
+        # ids of the sites the batch_dim probe found batch-first (None inside: it could not run), per model
+        self._batch_first: tuple[_Static, set[int] | None] | None = None
+        self._by_loop: set[tuple[int, ...]] = set()  # fallback groups torch.func failed on, for this model
 
     def batch_sums(
         self,
@@ -145,16 +175,17 @@ class FastEngine:
         static = self._read(model, layout)
         refuse_coupled(static.coupling)
         n = inputs.shape[0]
-        if n and (self._off_batch is None or self._off_batch[0] is not static):  # once per model: see batch_dim
-            modules = off_batch_modules(model, inputs, [site.module for site in static.sites])
-            self._off_batch = (static, {id(site) for site in static.sites if id(site.module) in modules})
-        off_batch = self._off_batch[1] if self._off_batch is not None else set()
+        if n and (self._batch_first is None or self._batch_first[0] is not static):  # once per model: batch_dim
+            modules = batch_first_modules(model, inputs, [site.module for site in static.sites])
+            sites = None if modules is None else {id(site) for site in static.sites if id(site.module) in modules}
+            self._batch_first = (static, sites)
+        batch_first = self._batch_first[1] if self._batch_first is not None else None
         calls: list[_Use] = []  # filled by the forward hooks
         with torch.enable_grad(), _recording(static.sites, calls, self._scratch):
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            plan = _make_plan(static, calls, total.grad_fn, inputs, model, off_batch, param_moments=param_moments)
+            plan = _make_plan(static, calls, total.grad_fn, inputs, model, batch_first, param_moments=param_moments)
             if plan.edges:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, plan.edges, allow_unused=True)
         stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
@@ -164,7 +195,12 @@ class FastEngine:
             for g, multi in plan.multi.items():
                 stats[g] = _multi_stats(multi, static.params[g], n, param_moments=param_moments)
             if plan.fallback:
-                _fallback(stats, model, inputs, targets, loss, layout, plan.fallback, param_moments=param_moments)
+                key = tuple(plan.fallback)
+                args = (stats, model, inputs, targets, loss, layout, plan.fallback)
+                failed = _fallback(*args, param_moments=param_moments, by_loop=key in self._by_loop)
+                if failed is not None:  # once per model and set of groups
+                    self._by_loop.add(key)
+                    _warn_loop([layout.names[g] for g in key], failed)
             return BatchSums(
                 n=n,
                 loss_sum=total.detach(),
@@ -182,6 +218,7 @@ class FastEngine:
         group_of = {id(p): g for g, p in enumerate(params)}
         param_ids = {id(p) for p in model.parameters()}
         sites = _find_sites(model, group_of)
+        self._by_loop = set()
         self._static = _Static(
             weakref.ref(model),
             layout,
@@ -246,15 +283,26 @@ def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
             target = (
                 base if base is not None and base.grad_fn is not None and base.numel() == output.numel() else output
             )
-            use = _Use(site, x, None if x is None else x.grad_fn, get_gradient_edge(target), output.shape, scratch)
+            node, version = (None, 0) if x is None else (x.grad_fn, 0 if x.is_inference() else x._version)
+            use = _Use(site, x, node, get_gradient_edge(target), output.shape, scratch, version)
             calls.append(use)
             # registered now, before any in-place op on the output, so it sees the output's own gradient
             handles.append(target.register_hook(use.on_grad))
 
         return hook
 
-    # prepend: run before any hook of the user's that might replace the output, so it is the layer's own
-    handles.extend(s.module.register_forward_hook(recorder(s), with_kwargs=True, prepend=True) for s in sites)
+    if _global_forward_hooks:  # these run before a module's own hooks and may replace its output: go first
+        hooks = {id(s.module): recorder(s) for s in sites}
+
+        def first(module, args, kwargs, output):
+            hook = hooks.get(id(module))
+            if hook is not None:
+                hook(module, args, kwargs, output)
+
+        handles.append(register_module_forward_hook(first, with_kwargs=True))
+        _global_forward_hooks.move_to_end(handles[-1].id, last=False)
+    else:  # prepend: run before any hook of the user's that might replace the output, so it is the layer's own
+        handles.extend(s.module.register_forward_hook(recorder(s), with_kwargs=True, prepend=True) for s in sites)
     try:
         yield
     finally:
@@ -324,11 +372,12 @@ def _make_plan(
     root,
     inputs: torch.Tensor,
     model: nn.Module,
-    off_batch: set[int],
+    batch_first: set[int] | None,
     *,
     param_moments: bool,
 ) -> _Plan:
-    """Route each group (see the module docstring); `off_batch` are ids of sites whose input is no batch.
+    """Route each group (see the module docstring); `batch_first`: ids of the sites the probe found
+    batch-first (None: no probe, the shape check alone).
 
     A call of a layer with a rule that reaches the loss uses each of the layer's parameters exactly
     once (true of every registered layer's own forward), so counting reaching calls per parameter
@@ -348,8 +397,9 @@ def _make_plan(
         # a parameter or buffer as input has no example dimension, whatever its size
         if (
             x is None
-            or id(site) in off_batch
+            or (batch_first is not None and id(site) not in batch_first)
             or (held is not None and id(x) in held)
+            or use.version != (0 if x.is_inference() else x._version)
             or not site.rule.accepts(site.module, x, n)
         ):
             bad.update(site.groups.values())
@@ -382,6 +432,18 @@ def _make_plan(
     return _Plan(single, multi, fallback, edges)
 
 
+def _warn_loop(names: list[str], error: Exception) -> None:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first = first if len(first) <= 120 else first[:119] + "…"
+    warnings.warn(
+        f"torch.func cannot take per-example gradients of {shown} ({first}); the fast engine takes them by "
+        "one backward per example instead, which is slow for large micro-batches",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, param_moments: bool):
     """Sum the per-example gradients of all calls, in chunks of examples, then square."""
     total, norms, sq_sum = None, [], None
@@ -401,8 +463,13 @@ def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, p
     return ParamStats(total, torch.cat(norms), sq_sum)
 
 
-def _fallback(stats, model, inputs, targets, loss, layout: ParamLayout, groups: list[int], *, param_moments: bool):
-    """torch.func per-example gradients of just these groups into `stats`; other parameters are held constant."""
+def _fallback(
+    stats, model, inputs, targets, loss, layout: ParamLayout, groups: list[int], *, param_moments: bool, by_loop: bool
+) -> Exception | None:
+    """Per-example gradients of just these groups into `stats`; other parameters are held constant.
+
+    torch.func first, unless `by_loop`; where it cannot vmap the model (an RNN, control flow on the data,
+    an autograd.Function without setup_context), one backward per example. Returns torch.func's error."""
     sizes = tuple(layout.sizes[g] for g in groups)
     sub = ParamLayout(
         names=tuple(layout.names[g] for g in groups),
@@ -411,8 +478,19 @@ def _fallback(stats, model, inputs, targets, loss, layout: ParamLayout, groups: 
         offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
         scopes={TOTAL: tuple(range(len(groups)))},
     )
-    flat, _ = per_example_grads(model, inputs, targets, loss, sub)  # (B, P_sub)
+    failed = None
+    if not by_loop:
+        try:
+            flat, _ = per_example_grads(model, inputs, targets, loss, sub)  # (B, P_sub)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- the loop below raises whatever is the model's own fault
+            failed = e
+    if by_loop or failed is not None:
+        with torch.enable_grad():  # called under no_grad, which torch.func ignores and a loop does not
+            flat, _ = loop_grads(model, inputs, targets, loss, sub)
     for g, part in zip(groups, flat.split(sizes, dim=1), strict=True):
         # float64 before reducing, one tensor at a time: these gradients are explicit, so their sums need
         # not round to the model's dtype
         stats[g] = stats_of(part.double(), param_moments=param_moments)
+    return failed

@@ -1,7 +1,8 @@
 """The registry of per-layer rules, keyed by module type.
 
 A subclass of a registered type uses its parent's rule only if it keeps the
-parent's forward; anything else goes to the general fallback.
+parent's forward (and for convolutions `_conv_forward`, where a masked conv
+changes the weight); anything else goes to the general fallback.
 """
 
 from __future__ import annotations
@@ -33,5 +34,6 @@ def find_rule(module: nn.Module) -> Rule | None:
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is not None:
-            return rule if type(module).forward is cls.forward else None
+            kept = all(getattr(type(module), name) is getattr(cls, name) for name in rule.methods)
+            return rule if kept else None
     return None

@@ -65,6 +65,7 @@ class Rule:
     """Base rule: subclasses give `grads`; `stats` may take a cheaper route."""
 
     param_names: tuple[str, ...] = ("weight", "bias")  # the parameters the rule understands
+    methods: tuple[str, ...] = ("forward",)  # what a subclass must not override to keep the rule
 
     def accepts(self, module: nn.Module, x: torch.Tensor, n: int) -> bool:
         """Whether this call can be handled: x must carry the n examples on dim 0."""

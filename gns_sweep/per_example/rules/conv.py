@@ -15,6 +15,8 @@ from gns_sweep.per_example.rules.outer import outer_grads, outer_stats
 
 
 class ConvRule(Rule):
+    methods = ("forward", "_conv_forward")
+
     def __init__(self, dims: int) -> None:
         self.dims = dims  # spatial dimensions: 1 or 2
 
@@ -48,15 +50,31 @@ class ConvRule(Rule):
         """Inputs (B, groups, L, C_in/g*k) and output gradients (B, groups, L, C_out/g)."""
         x, d = call.x, call.grad
         n, g = x.shape[0], module.groups
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)  # the padding the forward applied
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        if module.padding_mode == "zeros":  # the conv pads by module.padding, read at call time
+            x = F.pad(x, _zero_padding(module.padding, kernel, dilation))
+        else:  # the forward pads first, by the amounts __init__ fixed
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         if self.dims == 1:  # as a 2-D conv of height 1
             x, kernel, dilation, stride = x[:, :, None], (1, *kernel), (1, *dilation), (1, *stride)
         u = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in*k, L), channels major
         a = u.reshape(n, g, -1, u.shape[-1]).transpose(-1, -2)  # (B, g, L, C_in/g*k)
         dd = d.reshape(n, g, -1, u.shape[-1]).transpose(-1, -2)  # (B, g, L, C_out/g)
         return a, dd
+
+
+def _zero_padding(padding, kernel, dilation) -> list[int]:
+    """F.pad's amounts, last dim first, for a conv's padding: per-dim ints, 'valid' or 'same'."""
+    if padding == "valid":
+        return [0, 0] * len(kernel)
+    out = []
+    for i in reversed(range(len(kernel))):
+        if padding == "same":  # as the conv pads: the odd one of the total on the right
+            total = dilation[i] * (kernel[i] - 1)
+            out += [total // 2, total - total // 2]
+        else:
+            out += [padding[i], padding[i]]
+    return out
 
 
 def _bias_grads(call: Call) -> torch.Tensor:
