@@ -190,6 +190,7 @@ def padded_later(conv, padding):
         lambda: padded_later(nn.Conv1d(2, 4, 3, stride=3), (1,)),  # the same output length: wrong, silently
         lambda: padded_later(nn.Conv2d(2, 3, 3), (1, 2)),
         lambda: padded_later(nn.Conv1d(2, 3, 4), "same"),
+        lambda: padded_later(nn.Conv2d(2, 3, 3), 1),  # an int, as the conv also takes
     ],
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
@@ -557,6 +558,75 @@ def test_a_layer_the_probe_never_called_is_not_taken_for_batch_first(fallback_na
     assert fallback_names == [("proj.weight", "proj.bias")] * 2
 
 
+class SkipsAtFirst(nn.Module):
+    """Skips a layer in its first two forwards, as a random LayerDrop might in the probe's first run."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out, self.forwards = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3), 0
+
+    def forward(self, x):
+        self.forwards += 1
+        h = torch.tanh(self.a(x))
+        return self.out(h if self.forwards <= 2 else torch.tanh(self.b(h)))
+
+
+def test_a_layer_the_first_probe_run_skipped_is_probed_again(fallback_names):
+    model = f64(SkipsAtFirst())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    FastEngine().batch_sums(model, x, y, example_ce, param_layout(model), param_moments=False)
+    assert model.forwards == 5  # two probe runs of two forwards, then the engine's own
+    assert fallback_names == []
+
+
+class DrawsEachForward(nn.Module):
+    """Draws a random number in every forward and never calls one of its layers, so the probe runs twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.unused, self.draws = nn.Linear(4, 3), nn.Linear(3, 3), []
+
+    def forward(self, x):
+        self.draws.append(float(torch.rand(())))
+        return self.a(x)
+
+
+def test_probe_runs_draw_new_random_numbers_and_put_the_state_back():
+    model = f64(DrawsEachForward())
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    state = torch.get_rng_state()
+    FastEngine().batch_sums(model, x, y, example_ce, param_layout(model), param_moments=False)
+    assert len(model.draws) == 5 and len(set(model.draws[:4])) == 4  # a second run would see what LayerDrop hid
+    assert model.draws[4] == model.draws[0]  # the engine's own forward draws as if no probe had run
+    torch.set_rng_state(state)
+
+
+class AuxHead(nn.Module):
+    """An auxiliary head only train mode calls (Inception-style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h) + 0.3 * self.aux(h) if self.training else self.head(h)
+
+
+def test_a_layer_only_the_other_mode_calls_is_probed_on_the_next_call(fallback_names):
+    model, engine = f64(AuxHead()).eval(), FastEngine()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    layout = param_layout(model)
+    engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)
+    model.train()
+    engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)  # unsettled: the fallback
+    assert fallback_names == [("aux.weight", "aux.bias")]
+    fallback_names.clear()
+    engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)  # probed again first
+    assert fallback_names == []
+    check(model, x, y, example_ce)
+
+
 # --- tied, reused, frozen, fallback ------------------------------------------
 
 
@@ -743,6 +813,7 @@ def test_global_hooks_that_replace_outputs_are_respected():
     try:
         check(model, torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,)), example_ce)
         assert len(nn.modules.module._global_forward_hooks) == 1  # the user's hook stays, ours is gone
+        assert not nn.modules.module._global_forward_hooks_with_kwargs  # with the entry torch's handle leaves
     finally:
         handle.remove()
 
@@ -758,7 +829,7 @@ class ChangedInput(nn.Module):
     def forward(self, x):
         h = x.detach().clone()  # needs no gradient, so autograd never checks its version
         y = self.norm(h)
-        h.mul_(3.0)
+        h.add_(1.0)  # not a scaling, which RMSNorm would not see
         return self.out(y + 0.1 * h)
 
 
@@ -782,6 +853,16 @@ def test_float16_squares_do_not_overflow():
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=2e-3, atol=0)
     for a, b in zip(fast.param_sq_sum, ref.param_sq_sum, strict=True):
         torch.testing.assert_close(a.double(), b.reshape(a.shape), rtol=2e-3, atol=1e-3)
+
+
+def test_float16_batchnorm_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).half().eval()
+    x, y = torch.randn(5, 6).half(), torch.randint(0, 3, (5,))
+    layout = param_layout(model)
+    fast = FastEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=2e-3, atol=1e-6)
 
 
 class Autocast(nn.Module):

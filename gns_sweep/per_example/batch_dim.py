@@ -1,4 +1,4 @@
-"""Which layers' inputs carry the examples on dim 0: probes at two other batch sizes.
+"""Which layers' inputs carry the examples on dim 0: probes at other batch sizes.
 
 The rules read dim 0 of a layer's input as the examples. Its size alone cannot
 tell a batch from a table that happens to have as many rows as the micro-batch
@@ -6,23 +6,28 @@ has examples -- a position table `wpe(arange(T))` with T == B, a buffer slice,
 a parameter expression, a sequence-first layer -- and such a call would be
 taken for per-example terms and give wrong statistics. So before its first
 call on a model the engine runs the model on m1 and on m2 examples (two sizes
-other than the micro-batch's) and records each layer's inputs: only a layer
-whose every input had m rows at both is batch-first for this model (a table's
-row count can match one of the sizes, never both). The others take the
-fallback, and so does a layer the probes never called, as a layer that only
-some examples reach (a projector of special tokens) is called on a data-
-dependent number of rows.
+other than the micro-batch's n) and records each layer's inputs. A layer with
+an input that did not have m rows is not batch-first for this model, for good.
+A layer whose inputs all had m rows is: its real call must have n rows, and no
+fixed table has both. A layer the probes never called is unsettled and takes
+the fallback: a layer only some examples reach (a projector of special tokens)
+has a data-dependent row count. So the first probe runs once more, on other
+examples, if some layer is unsettled (a random LayerDrop skipped it), and a
+later call of an unsettled layer (in another mode) makes the engine probe again
+on its next call, up to MAX_RUNS runs in all.
 
-The probes run without gradients, before the engine's own forward; the random
-number state and the model's buffers (running averages, power iterations, a
-lazy table) are put back afterwards. If the model cannot run so (bound to one
-batch size, or differentiating inside its forward), they find nothing and the
-shape check stays.
+The probes run without gradients, before the engine's own forward (between the
+forward and its backward, putting the buffers back would bump the versions of
+tensors the graph saved); the random number state and the model's buffers
+(running averages, power iterations, a lazy table) are put back afterwards. If
+the model cannot run so (bound to one batch size, or differentiating inside its
+forward), the first probe finds nothing and the shape check stays.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,31 +39,69 @@ def probe_sizes(n: int) -> tuple[int, int]:
     return m1, m2
 
 
-def batch_first_modules(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module]) -> set[int] | None:
-    """Ids of the modules, among `modules`, whose every input's dim 0 followed the batch when the model
-    ran on examples of `inputs` at two other batch sizes; None if it could not run so."""
+FIRST_RUNS, MAX_RUNS = 2, 6  # probe runs per engine and model, each on two batch sizes: at first, in all
+
+
+@dataclass(eq=False)
+class Probes:
+    """What the probes of one model saw, by id of module; grows with each run."""
+
+    seen: set[int] = field(default_factory=set)  # modules called with inputs of the probe's batch size
+    off: set[int] = field(default_factory=set)  # modules with an input whose rows did not follow the batch
+    runs: int = 0
+    failed: bool = False  # the first run could not run the model: the shape check alone
+    wanted: bool = True  # run on the next call
+
+    def batch_first(self, key: int) -> bool:
+        return self.failed or (key in self.seen and key not in self.off)
+
+    def settled(self, key: int) -> bool:
+        return self.failed or key in self.seen or key in self.off
+
+
+def probe(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probes: Probes) -> None:
+    """Record into `probes` how each of `modules` sees its inputs' dim 0 when the model runs on examples
+    of `inputs` at two batch sizes other than its own; the first time, once more on other examples if
+    some module is unsettled."""
+    stop = min(MAX_RUNS, probes.runs + (FIRST_RUNS if probes.runs == 0 else 1))
+    probes.wanted = False
+    devices = [inputs.device] if inputs.device.type != "cpu" else []
+    # one fork for all runs: a model that draws random numbers (dropout, LayerDrop) draws new ones each run
+    with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=inputs.device.type):
+        while probes.runs < stop and not probes.failed:
+            _run(model, inputs, modules, probes)
+            if all(probes.settled(id(m)) for m in modules):
+                return
+
+
+def _run(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probes: Probes) -> None:
     n = inputs.shape[0]
-    rows: dict[int, set[bool]] = {}  # id(module) -> whether each of its inputs had the probe's batch size
+    seen: set[int] = set()
+    off: set[int] = set()
     size = 0  # the running probe's batch size
 
     def record(module, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(x, torch.Tensor) and x.dim() > 0:
-            rows.setdefault(id(module), set()).add(x.shape[0] == size)
+            (seen if x.shape[0] == size else off).add(id(module))
 
     handles = [mod.register_forward_hook(record, with_kwargs=True) for mod in modules]
-    devices = [inputs.device] if inputs.device.type != "cpu" else []
+    start = probes.runs * max(probe_sizes(n))  # each run starts after the first examples of the one before
+    probes.runs += 1
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=inputs.device.type):
-            for size in probe_sizes(n):
-                with _buffers_kept(model):
-                    model(inputs[torch.arange(size, device=inputs.device) % n])  # (size, ...): rows repeat
-    except Exception:  # any failure (a model bound to one batch size): keep the shape check alone
-        return None
+        for size in probe_sizes(n):
+            with _buffers_kept(model):
+                rows = (torch.arange(size, device=inputs.device) + start) % n  # rows repeat when n is small
+                model(inputs[rows])
+    except Exception:  # any failure (a model bound to one batch size): keep what earlier runs saw
+        probes.failed = probes.runs == 1
+        probes.runs = MAX_RUNS
+        return
     finally:
         for h in handles:
             h.remove()
-    return {key for key, follows in rows.items() if follows == {True}}
+    probes.seen |= seen
+    probes.off |= off
 
 
 @contextmanager

@@ -53,11 +53,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.nn.modules.module import _global_forward_hooks, register_module_forward_hook
+from torch.nn.modules.module import (
+    _global_forward_hooks,
+    _global_forward_hooks_with_kwargs,
+    register_module_forward_hook,
+)
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example.base import LossFn, check_losses, coupling_candidates, refuse_coupled
-from gns_sweep.per_example.batch_dim import batch_first_modules
+from gns_sweep.per_example.batch_dim import MAX_RUNS, Probes, probe
 from gns_sweep.per_example.general import per_example_grads
 from gns_sweep.per_example.layout import TOTAL, ParamLayout
 from gns_sweep.per_example.loop import loop_grads
@@ -158,9 +162,8 @@ class FastEngine:
     def __init__(self) -> None:
         self._scratch = Scratch()  # kept between calls: see rules.base.Scratch
         self._static: _Static | None = None
-        # ids of the sites the batch_dim probe found batch-first (None inside: it could not run), per model
-        self._batch_first: tuple[_Static, set[int] | None] | None = None
-        self._by_loop: set[tuple[int, ...]] = set()  # fallback groups torch.func failed on, for this model
+        self._probes: tuple[_Static, Probes] | None = None  # what batch_dim's probes saw of this model
+        self._by_loop = False  # torch.func failed on this model: its fallback takes the loop
 
     def batch_sums(
         self,
@@ -175,17 +178,17 @@ class FastEngine:
         static = self._read(model, layout)
         refuse_coupled(static.coupling)
         n = inputs.shape[0]
-        if n and (self._batch_first is None or self._batch_first[0] is not static):  # once per model: batch_dim
-            modules = batch_first_modules(model, inputs, [site.module for site in static.sites])
-            sites = None if modules is None else {id(site) for site in static.sites if id(site.module) in modules}
-            self._batch_first = (static, sites)
-        batch_first = self._batch_first[1] if self._batch_first is not None else None
+        if self._probes is None or self._probes[0] is not static:
+            self._probes = (static, Probes())
+        probes = self._probes[1] if n else None  # nothing to probe with: the shape check alone
+        if probes is not None and probes.wanted:  # see batch_dim
+            probe(model, inputs, [site.module for site in static.sites], probes)
         calls: list[_Use] = []  # filled by the forward hooks
         with torch.enable_grad(), _recording(static.sites, calls, self._scratch):
             losses = loss(model(inputs), targets)
             check_losses(losses, n)
             total = losses.sum()
-            plan = _make_plan(static, calls, total.grad_fn, inputs, model, batch_first, param_moments=param_moments)
+            plan = _make_plan(static, calls, total.grad_fn, inputs, model, probes, param_moments=param_moments)
             if plan.edges:  # the rules run in the output hooks; the returned gradients are not needed
                 torch.autograd.grad(total, plan.edges, allow_unused=True)
         stats: list[ParamStats | None] = [None] * len(static.params)  # None: no gradient reached the parameter
@@ -195,12 +198,11 @@ class FastEngine:
             for g, multi in plan.multi.items():
                 stats[g] = _multi_stats(multi, static.params[g], n, param_moments=param_moments)
             if plan.fallback:
-                key = tuple(plan.fallback)
                 args = (stats, model, inputs, targets, loss, layout, plan.fallback)
-                failed = _fallback(*args, param_moments=param_moments, by_loop=key in self._by_loop)
-                if failed is not None:  # once per model and set of groups
-                    self._by_loop.add(key)
-                    _warn_loop([layout.names[g] for g in key], failed)
+                failed = _fallback(*args, param_moments=param_moments, by_loop=self._by_loop)
+                if failed is not None:  # vmap fails on the model's forward, whichever its parameters: once
+                    self._by_loop = True
+                    _warn_loop([layout.names[g] for g in plan.fallback], failed)
             return BatchSums(
                 n=n,
                 loss_sum=total.detach(),
@@ -218,7 +220,7 @@ class FastEngine:
         group_of = {id(p): g for g, p in enumerate(params)}
         param_ids = {id(p) for p in model.parameters()}
         sites = _find_sites(model, group_of)
-        self._by_loop = set()
+        self._by_loop = False
         self._static = _Static(
             weakref.ref(model),
             layout,
@@ -299,15 +301,20 @@ def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
             if hook is not None:
                 hook(module, args, kwargs, output)
 
-        handles.append(register_module_forward_hook(first, with_kwargs=True))
-        _global_forward_hooks.move_to_end(handles[-1].id, last=False)
+        handle = register_module_forward_hook(first, with_kwargs=True)
+        _global_forward_hooks.move_to_end(handle.id, last=False)
+        handles.append(handle)
+        kwargs_key = handle.id
     else:  # prepend: run before any hook of the user's that might replace the output, so it is the layer's own
         handles.extend(s.module.register_forward_hook(recorder(s), with_kwargs=True, prepend=True) for s in sites)
+        kwargs_key = None
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        if kwargs_key is not None:  # torch's handle leaves this entry behind
+            _global_forward_hooks_with_kwargs.pop(kwargs_key, None)
 
 
 _ACCUMULATE = torch._C._functions.AccumulateGrad  # the node type that puts a gradient into a leaf's .grad
@@ -372,12 +379,12 @@ def _make_plan(
     root,
     inputs: torch.Tensor,
     model: nn.Module,
-    batch_first: set[int] | None,
+    probes: Probes | None,
     *,
     param_moments: bool,
 ) -> _Plan:
-    """Route each group (see the module docstring); `batch_first`: ids of the sites the probe found
-    batch-first (None: no probe, the shape check alone).
+    """Route each group (see the module docstring); `probes`: which layers are batch-first (None: the shape
+    check alone). A call of a layer they have not settled asks for another probe.
 
     A call of a layer with a rule that reaches the loss uses each of the layer's parameters exactly
     once (true of every registered layer's own forward), so counting reaching calls per parameter
@@ -394,10 +401,14 @@ def _make_plan(
         if x is not None and x.grad_fn is None and x is not inputs and held is None:
             # buffers may be made or replaced by the forward itself (lazy position tables, masks)
             held = static.param_ids | {id(b) for b in model.buffers()}  # submodules made by the forward too
+        if probes is not None and not probes.batch_first(id(site.module)):
+            if not probes.settled(id(site.module)):
+                probes.wanted = probes.runs < MAX_RUNS  # probe again on the next call
+            bad.update(site.groups.values())
+            continue
         # a parameter or buffer as input has no example dimension, whatever its size
         if (
             x is None
-            or (batch_first is not None and id(site) not in batch_first)
             or (held is not None and id(x) in held)
             or use.version != (0 if x.is_inference() else x._version)
             or not site.rule.accepts(site.module, x, n)
@@ -432,12 +443,15 @@ def _make_plan(
     return _Plan(single, multi, fallback, edges)
 
 
-def _warn_loop(names: list[str], error: Exception) -> None:
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+def _first_line(error: Exception) -> str:
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    first = first if len(first) <= 120 else first[:119] + "…"
+    return first if len(first) <= 120 else first[:119] + "…"
+
+
+def _warn_loop(names: list[str], error: str) -> None:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     warnings.warn(
-        f"torch.func cannot take per-example gradients of {shown} ({first}); the fast engine takes them by "
+        f"torch.func cannot take per-example gradients of {shown} ({error}); the fast engine takes them by "
         "one backward per example instead, which is slow for large micro-batches",
         RuntimeWarning,
         stacklevel=3,
@@ -465,11 +479,11 @@ def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, p
 
 def _fallback(
     stats, model, inputs, targets, loss, layout: ParamLayout, groups: list[int], *, param_moments: bool, by_loop: bool
-) -> Exception | None:
+) -> str | None:
     """Per-example gradients of just these groups into `stats`; other parameters are held constant.
 
     torch.func first, unless `by_loop`; where it cannot vmap the model (an RNN, control flow on the data,
-    an autograd.Function without setup_context), one backward per example. Returns torch.func's error."""
+    an autograd.Function without setup_context), one backward per example. Returns torch.func's error, if any."""
     sizes = tuple(layout.sizes[g] for g in groups)
     sub = ParamLayout(
         names=tuple(layout.names[g] for g in groups),
@@ -485,7 +499,7 @@ def _fallback(
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 -- the loop below raises whatever is the model's own fault
-            failed = e
+            failed = _first_line(e)  # not the exception: its traceback would keep torch.func's frames alive
     if by_loop or failed is not None:
         with torch.enable_grad():  # called under no_grad, which torch.func ignores and a loop does not
             flat, _ = loop_grads(model, inputs, targets, loss, sub)

@@ -67,6 +67,8 @@ def _zero_padding(padding, kernel, dilation) -> list[int]:
     """F.pad's amounts, last dim first, for a conv's padding: per-dim ints, 'valid' or 'same'."""
     if padding == "valid":
         return [0, 0] * len(kernel)
+    if isinstance(padding, int):  # as set after construction: the conv takes an int too
+        padding = (padding,) * len(kernel)
     out = []
     for i in reversed(range(len(kernel))):
         if padding == "same":  # as the conv pads: the odd one of the total on the right

@@ -78,4 +78,6 @@ class BatchNormEvalRule(_ChannelRule):
         return not module.training and module.running_mean is not None and super().accepts(module, x, n)
 
     def normalised(self, module, x):
-        return F.batch_norm(x, module.running_mean, module.running_var, training=False, eps=module.eps)
+        # in x's dtype: the engine widens a float16 layer's input to float32
+        mean, var = module.running_mean.to(x.dtype), module.running_var.to(x.dtype)
+        return F.batch_norm(x, mean, var, training=False, eps=module.eps)
