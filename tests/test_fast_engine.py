@@ -14,8 +14,9 @@ from torch import nn
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example import batch_moments, get_engine, param_layout, shard_moments
-from gns_sweep.per_example.batch_dim import probe_sizes
+from gns_sweep.per_example.batch_dim import FIRST_RUNS, probe_sizes
 from gns_sweep.per_example.fast import FastEngine
+from gns_sweep.per_example.general import per_example_grads
 from gns_sweep.per_example.loop import LoopEngine
 from gns_sweep.per_example.rules import find_rule
 from gns_sweep.per_example.rules.base import Scratch
@@ -49,17 +50,17 @@ def assert_close(a, b, offsets, rtol, scale=None):
 
 @pytest.fixture
 def fallback_names(monkeypatch):
-    """The parameter names each call sent to the torch.func fallback."""
+    """The parameter names each call sent to the fallback (torch.func, or the loop where it fails)."""
     import gns_sweep.per_example.fast as fast
 
     seen: list[tuple[str, ...]] = []
 
-    def spy(model, inputs, targets, loss, layout):
-        seen.append(layout.names)
-        return real(model, inputs, targets, loss, layout)
+    def spy(stats, model, inputs, targets, loss, layout, groups, **kwargs):
+        seen.append(tuple(layout.names[g] for g in groups))
+        return real(stats, model, inputs, targets, loss, layout, groups, **kwargs)
 
-    real = fast.per_example_grads
-    monkeypatch.setattr(fast, "per_example_grads", spy)
+    real = fast._fallback
+    monkeypatch.setattr(fast, "_fallback", spy)
     return seen
 
 
@@ -179,22 +180,24 @@ def test_conv(conv, n):
     check(model, x, y, half_sq)
 
 
-def padded_later(conv, padding):
-    conv.padding = padding  # the forward reads it at call time; __init__'s padding amounts go stale
+def set_later(conv, **attributes):
+    for name, value in attributes.items():  # the forward reads them at call time; __init__'s padding goes stale
+        setattr(conv, name, value)
     return conv
 
 
 @pytest.mark.parametrize(
     "conv",
     [
-        lambda: padded_later(nn.Conv1d(2, 4, 3, stride=3), (1,)),  # the same output length: wrong, silently
-        lambda: padded_later(nn.Conv2d(2, 3, 3), (1, 2)),
-        lambda: padded_later(nn.Conv1d(2, 3, 4), "same"),
-        lambda: padded_later(nn.Conv2d(2, 3, 3), 1),  # an int, as the conv also takes
+        lambda: set_later(nn.Conv1d(2, 4, 3, stride=3), padding=(1,)),  # the same output length: wrong, silently
+        lambda: set_later(nn.Conv2d(2, 3, 3), padding=(1, 2)),
+        lambda: set_later(nn.Conv1d(2, 3, 4), padding="same"),
+        lambda: set_later(nn.Conv2d(2, 3, 3), padding=1, stride=2),  # ints, as the conv also takes
+        lambda: set_later(nn.Conv2d(2, 3, 3, padding="same"), dilation=2),
     ],
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
-def test_conv_padding_changed_after_construction(conv):
+def test_conv_attributes_changed_after_construction(conv):
     model = seq_model(conv(), nn.Tanh(), nn.Flatten())
     x = torch.randn(3, 2, *([9] * (model[0].weight.dim() - 2)), dtype=torch.float64)
     check(model, x, torch.randn(model(x).shape, dtype=torch.float64), half_sq)
@@ -596,9 +599,69 @@ def test_probe_runs_draw_new_random_numbers_and_put_the_state_back():
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     state = torch.get_rng_state()
     FastEngine().batch_sums(model, x, y, example_ce, param_layout(model), param_moments=False)
-    assert len(model.draws) == 5 and len(set(model.draws[:4])) == 4  # a second run would see what LayerDrop hid
-    assert model.draws[4] == model.draws[0]  # the engine's own forward draws as if no probe had run
+    probes = 2 * FIRST_RUNS  # forwards: the unused layer stays unsettled
+    assert len(model.draws) == probes + 1 and len(set(model.draws[:probes])) == probes  # what LayerDrop hid
+    assert model.draws[-1] == model.draws[0]  # the engine's own forward draws as if no probe had run
     torch.set_rng_state(state)
+
+
+class FlaggedTable(nn.Module):
+    """Adds a projection of a 2-row table when every example of the batch is flagged."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.table, self.out = nn.Linear(4, 6), nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if (x[:, 0] > 0).all():
+            rows = torch.arange(2, dtype=x.dtype)[:, None] * torch.arange(1, 6, dtype=x.dtype)
+            h = h + self.table(torch.sin(rows)).sum(0)  # (2, 5) rows of a table, not examples
+        return self.out(h)
+
+
+@pytest.mark.filterwarnings("ignore:torch.func cannot")  # control flow on the data: the loop
+def test_a_table_seen_at_one_probe_size_is_not_taken_for_batch_first(fallback_names):
+    model, engine = f64(FlaggedTable()), FastEngine()
+    layout = param_layout(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x[:, 0] = torch.tensor([1.0, 1, -1, 1, -1])  # the probes' 2-example runs flag all in one run, 3-example ones never
+    engine.batch_sums(model, x, torch.randint(0, 3, (5,)), example_ce, layout, param_moments=False)
+    assert fallback_names == []  # the table was not called on this batch
+    x2, y2 = torch.randn(2, 4, dtype=torch.float64).abs(), torch.randint(0, 3, (2,))  # as many examples as rows
+    fast = engine.batch_sums(model, x2, y2, example_ce, layout, param_moments=True)
+    ref = LoopEngine().batch_sums(model, x2, y2, example_ce, layout, param_moments=True)
+    assert fallback_names == [("table.weight", "table.bias")]
+    torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)
+
+
+class TrainOnlyCodebook(nn.Module):
+    """In train mode the head also runs on a 4-row codebook, which eval-mode probes never see."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.code = nn.Linear(4, 8), nn.Linear(8, 3), nn.Embedding(4, 8)
+
+    def forward(self, x):
+        out = self.head(torch.tanh(self.body(x)))
+        return out + 0.3 * self.head(torch.tanh(self.code.weight)).mean(0) if self.training else out
+
+
+def test_probes_are_kept_per_mode(fallback_names):
+    model, engine = f64(TrainOnlyCodebook()).eval(), FastEngine()
+    layout = param_layout(model)
+    engine.batch_sums(model, *rows(5), example_ce, layout, param_moments=False)
+    assert fallback_names == []
+    model.train()  # as many examples as the codebook has rows
+    fast = engine.batch_sums(model, *rows(4), example_ce, layout, param_moments=True)
+    ref = LoopEngine().batch_sums(model, *rows(4), example_ce, layout, param_moments=True)
+    assert fallback_names == [("head.weight", "head.bias", "code.weight")]  # the codebook: used outside its layer
+    torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)
+
+
+def rows(n):
+    torch.manual_seed(n)
+    return torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
 
 
 class AuxHead(nn.Module):
@@ -613,18 +676,45 @@ class AuxHead(nn.Module):
         return self.head(h) + 0.3 * self.aux(h) if self.training else self.head(h)
 
 
-def test_a_layer_only_the_other_mode_calls_is_probed_on_the_next_call(fallback_names):
+def test_a_layer_only_the_other_mode_calls_is_probed_in_that_mode(fallback_names):
     model, engine = f64(AuxHead()).eval(), FastEngine()
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     layout = param_layout(model)
     engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)
     model.train()
-    engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)  # unsettled: the fallback
-    assert fallback_names == [("aux.weight", "aux.bias")]
+    engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)
+    assert fallback_names == []
+    check(model, x, y, example_ce)
+
+
+class OnlySomeExamplesReach(nn.Module):
+    """A layer only flagged examples reach: unsettled until a probe runs on flagged examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.flagged, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        mask = x[:, 0] > 0
+        if mask.all():
+            h = torch.tanh(self.flagged(h))
+        return self.out(h)
+
+
+@pytest.mark.filterwarnings("ignore:torch.func cannot")
+def test_a_call_of_an_unsettled_layer_probes_again_on_the_next_call(fallback_names):
+    model, engine = f64(OnlySomeExamplesReach()), FastEngine()
+    layout = param_layout(model)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    x[:, 0] = -1.0  # no probe run calls the flagged layer
+    engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)
+    x.abs_()  # every example flagged: the layer is called, unsettled, so it takes the fallback once
+    engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)
+    assert fallback_names == [("flagged.weight", "flagged.bias")]
     fallback_names.clear()
     engine.batch_sums(model, x, y, example_ce, layout, param_moments=False)  # probed again first
     assert fallback_names == []
-    check(model, x, y, example_ce)
 
 
 # --- tied, reused, frozen, fallback ------------------------------------------
@@ -789,7 +879,12 @@ class Recurrent(nn.Module):
 
 
 @pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
-def test_layers_torch_func_cannot_vmap_take_the_loop_once_warned(cell, fallback_names):
+def test_layers_torch_func_cannot_vmap_take_the_loop_once_warned(cell, fallback_names, monkeypatch):
+    import gns_sweep.per_example.fast as fast
+
+    tried = []
+    monkeypatch.setattr(fast, "per_example_grads", lambda *args: tried.append(1) or real(*args))
+    real = per_example_grads
     model, engine = f64(Recurrent(cell)), FastEngine()
     x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
     layout = param_layout(model)
@@ -798,7 +893,7 @@ def test_layers_torch_func_cannot_vmap_take_the_loop_once_warned(cell, fallback_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per model: the engine goes to the loop straight away
         again = engine.batch_sums(model, x, y, example_ce, layout, param_moments=True)
-    assert len(fallback_names) == 1
+    assert len(tried) == 1 and len(fallback_names) == 2  # torch.func tried on the first call only
     ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
     for sums in (first, again):
         torch.testing.assert_close(sums.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)

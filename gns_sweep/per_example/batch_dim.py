@@ -8,13 +8,15 @@ taken for per-example terms and give wrong statistics. So before its first
 call on a model the engine runs the model on m1 and on m2 examples (two sizes
 other than the micro-batch's n) and records each layer's inputs. A layer with
 an input that did not have m rows is not batch-first for this model, for good.
-A layer whose inputs all had m rows is: its real call must have n rows, and no
-fixed table has both. A layer the probes never called is unsettled and takes
-the fallback: a layer only some examples reach (a projector of special tokens)
-has a data-dependent row count. So the first probe runs once more, on other
-examples, if some layer is unsettled (a random LayerDrop skipped it), and a
-later call of an unsettled layer (in another mode) makes the engine probe again
-on its next call, up to MAX_RUNS runs in all.
+A layer whose inputs had m rows at two sizes is: no fixed table has both (one
+size is not enough, as later micro-batches may have as many examples as a
+table has rows). A layer not yet seen at two sizes is unsettled and takes the
+fallback: a layer only some examples reach (a projector of special tokens) has
+a data-dependent row count. So the first probe runs again, on other examples
+and with new random numbers, while some layer is unsettled (a LayerDrop skipped
+it), up to FIRST_RUNS runs, and a later call of an unsettled layer makes the
+engine probe again on its next call, up to MAX_RUNS runs in all. The engine
+keeps one record per train/eval mode: a mode may call layers on other inputs.
 
 The probes run without gradients, before the engine's own forward (between the
 forward and its backward, putting the buffers back would bump the versions of
@@ -39,29 +41,29 @@ def probe_sizes(n: int) -> tuple[int, int]:
     return m1, m2
 
 
-FIRST_RUNS, MAX_RUNS = 2, 6  # probe runs per engine and model, each on two batch sizes: at first, in all
+FIRST_RUNS, MAX_RUNS = 4, 8  # probe runs per engine, model and mode, each at two batch sizes: at first, in all
 
 
 @dataclass(eq=False)
 class Probes:
     """What the probes of one model saw, by id of module; grows with each run."""
 
-    seen: set[int] = field(default_factory=set)  # modules called with inputs of the probe's batch size
+    sizes: dict[int, set[int]] = field(default_factory=dict)  # the probe sizes a module's inputs followed
     off: set[int] = field(default_factory=set)  # modules with an input whose rows did not follow the batch
     runs: int = 0
     failed: bool = False  # the first run could not run the model: the shape check alone
     wanted: bool = True  # run on the next call
 
     def batch_first(self, key: int) -> bool:
-        return self.failed or (key in self.seen and key not in self.off)
+        return self.failed or (key not in self.off and len(self.sizes.get(key, ())) >= 2)
 
     def settled(self, key: int) -> bool:
-        return self.failed or key in self.seen or key in self.off
+        return self.failed or key in self.off or len(self.sizes.get(key, ())) >= 2
 
 
 def probe(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probes: Probes) -> None:
     """Record into `probes` how each of `modules` sees its inputs' dim 0 when the model runs on examples
-    of `inputs` at two batch sizes other than its own; the first time, once more on other examples if
+    of `inputs` at two batch sizes other than its own; the first time, again on other examples while
     some module is unsettled."""
     stop = min(MAX_RUNS, probes.runs + (FIRST_RUNS if probes.runs == 0 else 1))
     probes.wanted = False
@@ -76,17 +78,20 @@ def probe(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], prob
 
 def _run(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probes: Probes) -> None:
     n = inputs.shape[0]
-    seen: set[int] = set()
+    sizes: dict[int, set[int]] = {}
     off: set[int] = set()
     size = 0  # the running probe's batch size
 
     def record(module, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(x, torch.Tensor) and x.dim() > 0:
-            (seen if x.shape[0] == size else off).add(id(module))
+            if x.shape[0] == size:
+                sizes.setdefault(id(module), set()).add(size)
+            else:
+                off.add(id(module))
 
     handles = [mod.register_forward_hook(record, with_kwargs=True) for mod in modules]
-    start = probes.runs * max(probe_sizes(n))  # each run starts after the first examples of the one before
+    start = probes.runs * (max(probe_sizes(n)) + 1)  # each run starts on other examples, also for n = 2
     probes.runs += 1
     try:
         for size in probe_sizes(n):
@@ -100,7 +105,8 @@ def _run(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probe
     finally:
         for h in handles:
             h.remove()
-    probes.seen |= seen
+    for key, seen in sizes.items():
+        probes.sizes.setdefault(key, set()).update(seen)
     probes.off |= off
 
 

@@ -27,9 +27,9 @@ warning once per model.
 Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
 whose dim 0 is not the micro-batch size, whose input is one of the model's
 parameters or buffers or was changed in place after the call, or of a layer
-whose input did not follow the batch when the model ran at two other batch sizes
-or that those runs never called (batch_dim: a position table with as many rows
-as examples), goes to the fallback. A rule computes in the wider dtype of its
+whose input did not follow the batch when the model ran at two other batch sizes,
+or that those runs did not see at both (batch_dim: a position table with as many
+rows as examples), goes to the fallback. A rule computes in the wider dtype of its
 input and output gradient (autocast inside the forward) and in float32 for
 float16, whose squares overflow. Sums over the examples of one
 micro-batch are taken in the model's dtype (they replace the weight-gradient
@@ -162,7 +162,7 @@ class FastEngine:
     def __init__(self) -> None:
         self._scratch = Scratch()  # kept between calls: see rules.base.Scratch
         self._static: _Static | None = None
-        self._probes: tuple[_Static, Probes] | None = None  # what batch_dim's probes saw of this model
+        self._probes: tuple[_Static, dict[bool, Probes]] | None = None  # what batch_dim saw, per train/eval
         self._by_loop = False  # torch.func failed on this model: its fallback takes the loop
 
     def batch_sums(
@@ -179,8 +179,8 @@ class FastEngine:
         refuse_coupled(static.coupling)
         n = inputs.shape[0]
         if self._probes is None or self._probes[0] is not static:
-            self._probes = (static, Probes())
-        probes = self._probes[1] if n else None  # nothing to probe with: the shape check alone
+            self._probes = (static, {})
+        probes = self._probes[1].setdefault(model.training, Probes()) if n else None  # n = 0: the shape check
         if probes is not None and probes.wanted:  # see batch_dim
             probe(model, inputs, [site.module for site in static.sites], probes)
         calls: list[_Use] = []  # filled by the forward hooks

@@ -50,7 +50,10 @@ class ConvRule(Rule):
         """Inputs (B, groups, L, C_in/g*k) and output gradients (B, groups, L, C_out/g)."""
         x, d = call.x, call.grad
         n, g = x.shape[0], module.groups
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        # per spatial dim: as set after construction, these may be ints, which the conv takes too
+        kernel, dilation, stride = (
+            _per_dim(getattr(module, k), self.dims) for k in ("kernel_size", "dilation", "stride")
+        )
         if module.padding_mode == "zeros":  # the conv pads by module.padding, read at call time
             x = F.pad(x, _zero_padding(module.padding, kernel, dilation))
         else:  # the forward pads first, by the amounts __init__ fixed
@@ -63,12 +66,15 @@ class ConvRule(Rule):
         return a, dd
 
 
+def _per_dim(value, dims: int) -> tuple[int, ...]:
+    return (value,) * dims if isinstance(value, int) else tuple(value)
+
+
 def _zero_padding(padding, kernel, dilation) -> list[int]:
     """F.pad's amounts, last dim first, for a conv's padding: per-dim ints, 'valid' or 'same'."""
     if padding == "valid":
         return [0, 0] * len(kernel)
-    if isinstance(padding, int):  # as set after construction: the conv takes an int too
-        padding = (padding,) * len(kernel)
+    padding = padding if isinstance(padding, str) else _per_dim(padding, len(kernel))
     out = []
     for i in reversed(range(len(kernel))):
         if padding == "same":  # as the conv pads: the odd one of the total on the right
