@@ -180,7 +180,10 @@ class FastEngine:
         n = inputs.shape[0]
         if self._probes is None or self._probes[0] is not static:
             self._probes = (static, {})
-        probes = self._probes[1].setdefault(model.training, Probes()) if n else None  # n = 0: the shape check
+        probes = None  # n = 0: nothing to probe with, the shape check alone
+        if n:
+            by_mode = self._probes[1]
+            probes = by_mode.get(model.training) or by_mode.setdefault(model.training, Probes())
         if probes is not None and probes.wanted:  # see batch_dim
             probe(model, inputs, [site.module for site in static.sites], probes)
         calls: list[_Use] = []  # filled by the forward hooks
