@@ -85,6 +85,13 @@ def check(model, x, y, loss, *, rtol=1e-9, param_moments=(False, True)):
     return fast
 
 
+def sums_and_loop(model, x, y, *, engine=None):
+    """BatchSums of one call of `engine` (a fresh fast engine by default) and of the loop, with moments."""
+    layout = param_layout(model)
+    fast = (engine or FastEngine()).batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    return fast, LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+
+
 def f64(module):
     torch.manual_seed(0)
     return module.double()
@@ -629,8 +636,7 @@ def test_a_table_seen_at_one_probe_size_is_not_taken_for_batch_first(fallback_na
     engine.batch_sums(model, x, torch.randint(0, 3, (5,)), example_ce, layout, param_moments=False)
     assert fallback_names == []  # the table was not called on this batch
     x2, y2 = torch.randn(2, 4, dtype=torch.float64).abs(), torch.randint(0, 3, (2,))  # as many examples as rows
-    fast = engine.batch_sums(model, x2, y2, example_ce, layout, param_moments=True)
-    ref = LoopEngine().batch_sums(model, x2, y2, example_ce, layout, param_moments=True)
+    fast, ref = sums_and_loop(model, x2, y2, engine=engine)
     assert fallback_names == [("table.weight", "table.bias")]
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)
 
@@ -653,8 +659,7 @@ def test_probes_are_kept_per_mode(fallback_names):
     engine.batch_sums(model, *rows(5), example_ce, layout, param_moments=False)
     assert fallback_names == []
     model.train()  # as many examples as the codebook has rows
-    fast = engine.batch_sums(model, *rows(4), example_ce, layout, param_moments=True)
-    ref = LoopEngine().batch_sums(model, *rows(4), example_ce, layout, param_moments=True)
+    fast, ref = sums_and_loop(model, *rows(4), engine=engine)
     assert fallback_names == [("head.weight", "head.bias", "code.weight")]  # the codebook: used outside its layer
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)
 
@@ -941,9 +946,7 @@ def test_float16_squares_do_not_overflow():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)).half()  # every gradient entry below 65504...
     x, y = (300 * torch.randn(5, 6)).half(), torch.randint(0, 3, (5,))  # ...but their squares above it
-    layout = param_layout(model)
-    fast = FastEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
-    ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    fast, ref = sums_and_loop(model, x, y)
     assert float(ref.sq_norm_sum.max()) > 65504
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=2e-3, atol=0)
     for a, b in zip(fast.param_sq_sum, ref.param_sq_sum, strict=True):
@@ -953,10 +956,7 @@ def test_float16_squares_do_not_overflow():
 def test_float16_batchnorm_in_eval_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).half().eval()
-    x, y = torch.randn(5, 6).half(), torch.randint(0, 3, (5,))
-    layout = param_layout(model)
-    fast = FastEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
-    ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
+    fast, ref = sums_and_loop(model, torch.randn(5, 6).half(), torch.randint(0, 3, (5,)))
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=2e-3, atol=1e-6)
 
 
@@ -975,10 +975,7 @@ class Autocast(nn.Module):
 
 def test_autocast_inside_the_forward():
     torch.manual_seed(0)
-    model, x, y = Autocast(), torch.randn(5, 8), torch.randint(0, 3, (5,))
-    layout = param_layout(model)
-    fast = FastEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
-    ref = LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)  # bfloat16 gradients
+    fast, ref = sums_and_loop(Autocast(), torch.randn(5, 8), torch.randint(0, 3, (5,)))  # loop: bfloat16
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=2e-2, atol=0)
 
 
