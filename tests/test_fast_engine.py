@@ -14,7 +14,7 @@ from torch import nn
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example import batch_moments, get_engine, param_layout, shard_moments
-from gns_sweep.per_example.batch_dim import FIRST_RUNS, probe_sizes
+from gns_sweep.per_example.batch_dim import probe_sizes
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import per_example_grads
 from gns_sweep.per_example.loop import LoopEngine
@@ -85,9 +85,10 @@ def check(model, x, y, loss, *, rtol=1e-9, param_moments=(False, True)):
     return fast
 
 
-def sums_and_loop(model, x, y, *, engine=None):
-    """BatchSums of one call of `engine` (a fresh fast engine by default) and of the loop, with moments."""
-    layout = param_layout(model)
+def sums_and_loop(model, x, y, *, engine=None, layout=None):
+    """BatchSums of one call of `engine` (a fresh fast engine by default) and of the loop, with moments.
+    An engine keeps what it read of a model while the same layout object comes back."""
+    layout = layout or param_layout(model)
     fast = (engine or FastEngine()).batch_sums(model, x, y, example_ce, layout, param_moments=True)
     return fast, LoopEngine().batch_sums(model, x, y, example_ce, layout, param_moments=True)
 
@@ -569,47 +570,30 @@ def test_a_layer_the_probe_never_called_is_not_taken_for_batch_first(fallback_na
 
 
 class SkipsAtFirst(nn.Module):
-    """Skips a layer in its first two forwards, as a random LayerDrop might in the probe's first run."""
+    """Skips a layer in its first forward, as a LayerDrop might, and draws a random number in each."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.out, self.forwards = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3), 0
-
-    def forward(self, x):
-        self.forwards += 1
-        h = torch.tanh(self.a(x))
-        return self.out(h if self.forwards <= 2 else torch.tanh(self.b(h)))
-
-
-def test_a_layer_the_first_probe_run_skipped_is_probed_again(fallback_names):
-    model = f64(SkipsAtFirst())
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
-    FastEngine().batch_sums(model, x, y, example_ce, param_layout(model), param_moments=False)
-    assert model.forwards == 5  # two probe runs of two forwards, then the engine's own
-    assert fallback_names == []
-
-
-class DrawsEachForward(nn.Module):
-    """Draws a random number in every forward and never calls one of its layers, so the probe runs twice."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.unused, self.draws = nn.Linear(4, 3), nn.Linear(3, 3), []
+        self.a, self.b, self.out, self.unused = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(3, 3)
+        self.draws = []
 
     def forward(self, x):
         self.draws.append(float(torch.rand(())))
-        return self.a(x)
+        h = torch.tanh(self.a(x))
+        return self.out(h if len(self.draws) == 1 else torch.tanh(self.b(h)))
 
 
-def test_probe_runs_draw_new_random_numbers_and_put_the_state_back():
-    model = f64(DrawsEachForward())
+def test_a_layer_the_first_probe_run_saw_at_one_size_is_probed_again(fallback_names):
+    model = f64(SkipsAtFirst())
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     state = torch.get_rng_state()
     FastEngine().batch_sums(model, x, y, example_ce, param_layout(model), param_moments=False)
-    probes = 2 * FIRST_RUNS  # forwards: the unused layer stays unsettled
-    assert len(model.draws) == probes + 1 and len(set(model.draws[:probes])) == probes  # what LayerDrop hid
-    assert model.draws[-1] == model.draws[0]  # the engine's own forward draws as if no probe had run
     torch.set_rng_state(state)
+    assert fallback_names == []
+    # two probe runs of two forwards, not more for the layer no run calls, then the engine's own forward
+    assert len(model.draws) == 5
+    assert len(set(model.draws[:4])) == 4  # the second run draws new numbers: a LayerDrop would skip others
+    assert model.draws[4] == model.draws[0]  # the engine's own forward draws as if no probe had run
 
 
 class FlaggedTable(nn.Module):
@@ -636,7 +620,7 @@ def test_a_table_seen_at_one_probe_size_is_not_taken_for_batch_first(fallback_na
     engine.batch_sums(model, x, torch.randint(0, 3, (5,)), example_ce, layout, param_moments=False)
     assert fallback_names == []  # the table was not called on this batch
     x2, y2 = torch.randn(2, 4, dtype=torch.float64).abs(), torch.randint(0, 3, (2,))  # as many examples as rows
-    fast, ref = sums_and_loop(model, x2, y2, engine=engine)
+    fast, ref = sums_and_loop(model, x2, y2, engine=engine, layout=layout)
     assert fallback_names == [("table.weight", "table.bias")]
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)
 
@@ -653,14 +637,15 @@ class TrainOnlyCodebook(nn.Module):
         return out + 0.3 * self.head(torch.tanh(self.code.weight)).mean(0) if self.training else out
 
 
-def test_probes_are_kept_per_mode(fallback_names):
-    model, engine = f64(TrainOnlyCodebook()).eval(), FastEngine()
+def test_probes_are_kept_per_mode_of_every_module(fallback_names):
+    model, engine = f64(nn.Sequential(TrainOnlyCodebook())), FastEngine()
+    model[0].eval()  # a part in eval mode, the whole in train mode
     layout = param_layout(model)
     engine.batch_sums(model, *rows(5), example_ce, layout, param_moments=False)
     assert fallback_names == []
-    model.train()  # as many examples as the codebook has rows
-    fast, ref = sums_and_loop(model, *rows(4), engine=engine)
-    assert fallback_names == [("head.weight", "head.bias", "code.weight")]  # the codebook: used outside its layer
+    model[0].train()  # as many examples as the codebook has rows
+    fast, ref = sums_and_loop(model, *rows(4), engine=engine, layout=layout)
+    assert fallback_names == [("0.head.weight", "0.head.bias", "0.code.weight")]  # code: used outside its layer
     torch.testing.assert_close(fast.sq_norm_sum, ref.sq_norm_sum, rtol=1e-10, atol=0)
 
 

@@ -13,10 +13,13 @@ size is not enough, as later micro-batches may have as many examples as a
 table has rows). A layer not yet seen at two sizes is unsettled and takes the
 fallback: a layer only some examples reach (a projector of special tokens) has
 a data-dependent row count. So the first probe runs again, on other examples
-and with new random numbers, while some layer is unsettled (a LayerDrop skipped
-it), up to FIRST_RUNS runs, and a later call of an unsettled layer makes the
-engine probe again on its next call, up to MAX_RUNS runs in all. The engine
-keeps one record per train/eval mode: a mode may call layers on other inputs.
+and with new random numbers, while some layer was called at one size only (a
+LayerDrop skipped it at the other), up to FIRST_RUNS runs, and a later call of
+an unsettled layer makes the engine probe again on its next call, up to
+MAX_RUNS runs in all. The engine keeps one record per set of train/eval modes
+of the model's modules: a mode may call layers on other inputs. A row count
+that depends on the data and happens to follow the probes' batch sizes, or a
+forward that branches on the batch size itself, still gets through.
 
 The probes run without gradients, before the engine's own forward (between the
 forward and its backward, putting the buffers back would bump the versions of
@@ -60,11 +63,16 @@ class Probes:
     def settled(self, key: int) -> bool:
         return self.failed or key in self.off or len(self.sizes.get(key, ())) >= 2
 
+    def partly_seen(self, key: int) -> bool:
+        """Called at one size only: skipped at the other (a LayerDrop), so another run may settle it."""
+        return not self.settled(key) and key in self.sizes
+
 
 def probe(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probes: Probes) -> None:
     """Record into `probes` how each of `modules` sees its inputs' dim 0 when the model runs on examples
     of `inputs` at two batch sizes other than its own; the first time, again on other examples while
-    some module is unsettled."""
+    some module was called at one size only. (A module no run called is most often never called, such as
+    MultiheadAttention's out_proj: a call of it probes again on the next call.)"""
     stop = min(MAX_RUNS, probes.runs + (FIRST_RUNS if probes.runs == 0 else 1))
     probes.wanted = False
     devices = [inputs.device] if inputs.device.type != "cpu" else []
@@ -72,7 +80,7 @@ def probe(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], prob
     with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=inputs.device.type):
         while probes.runs < stop and not probes.failed:
             _run(model, inputs, modules, probes)
-            if all(probes.settled(id(m)) for m in modules):
+            if not any(probes.partly_seen(id(m)) for m in modules):
                 return
 
 

@@ -92,6 +92,7 @@ class _Static:
     param_ids: set[int]  # ids of every parameter of the model
     owned: frozenset[int]  # groups of some site's parameters
     coupling: list[tuple[str, nn.Module]]  # BatchNorm layers, re-checked every call (their mode can change)
+    modules: list[nn.Module]  # all of them, whose train/eval modes key the probes
 
 
 @dataclass(eq=False, slots=True)
@@ -162,7 +163,7 @@ class FastEngine:
     def __init__(self) -> None:
         self._scratch = Scratch()  # kept between calls: see rules.base.Scratch
         self._static: _Static | None = None
-        self._probes: tuple[_Static, dict[bool, Probes]] | None = None  # what batch_dim saw, per train/eval
+        self._probes: tuple[_Static, dict[tuple[bool, ...], Probes]] | None = None  # batch_dim's, per modes
         self._by_loop = False  # torch.func failed on this model: its fallback takes the loop
 
     def batch_sums(
@@ -182,8 +183,8 @@ class FastEngine:
             self._probes = (static, {})
         probes = None  # n = 0: nothing to probe with, the shape check alone
         if n:
-            by_mode = self._probes[1]
-            probes = by_mode.get(model.training) or by_mode.setdefault(model.training, Probes())
+            by_mode, mode = self._probes[1], tuple(m.training for m in static.modules)
+            probes = by_mode.get(mode) or by_mode.setdefault(mode, Probes())
         if probes is not None and probes.wanted:  # see batch_dim
             probe(model, inputs, [site.module for site in static.sites], probes)
         calls: list[_Use] = []  # filled by the forward hooks
@@ -233,6 +234,7 @@ class FastEngine:
             param_ids,
             frozenset(g for site in sites for g in site.groups.values()),
             coupling_candidates(model),
+            list(model.modules()),
         )
         return self._static
 
