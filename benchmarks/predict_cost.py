@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from gns_sweep.empirical import EmpiricalConfig, run_empirical
-from gns_sweep.predict import PredictConfig, run_predict
+from gns_sweep.empirical import EmpiricalConfig, prepare_empirical, run_empirical
+from gns_sweep.predict import PredictConfig, prepare_predict, run_predict
 from gns_sweep.runtime import Cluster, ClusterConfig
+from gns_sweep.storage import SweepDir
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -118,11 +119,16 @@ def main() -> None:
                 return cpu_seconds(tmp) - c, time.process_time() - d, time.perf_counter() - w, value
 
             # cold: the first work on a fresh cluster, as in `gns-sweep run`; warm: once more
-            cold = timed(lambda: run_predict(pconfig, cluster, out_dir=Path(out) / "p1"))
-            warm = timed(lambda: run_predict(pconfig, cluster, out_dir=Path(out) / "p2"))
-            sweep = None
-            if not args.skip_sweep:
-                sweep = timed(lambda: run_empirical(EmpiricalConfig(task=args.task), cluster, out_dir=Path(out) / "e"))
+            def predict(folder: str):
+                return run_predict(prepare_predict(pconfig, out=SweepDir(Path(out) / folder)), cluster)
+
+            def sweep_all():  # the plan (stability probe, maybe a pilot) is part of the sweep's cost
+                job = prepare_empirical(EmpiricalConfig(task=args.task), out=SweepDir(Path(out) / "e"))
+                return run_empirical(job, cluster)
+
+            cold = timed(lambda: predict("p1"))
+            warm = timed(lambda: predict("p2"))
+            sweep = None if args.skip_sweep else timed(sweep_all)
     finally:
         stop_head(tmp)
     probe = pconfig.probe_size or "default"

@@ -19,17 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gns_sweep.errors import GnsError, Terminated, UsageError
 from gns_sweep.progress import ProgressEvent
 from gns_sweep.runtime import Cluster, ClusterConfig
+from gns_sweep.storage import SweepDir
 
 out = Console(highlight=False, soft_wrap=True, emoji=False)  # ":ok:" in a value stays as typed
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 RESULTS_ROOT = Path("results")
-
-AddressOpt = typer.Option(
-    None, "--address", help="Connect to a running Ray cluster (host:port or 'auto'); default: start a local one."
-)
-NumCpusOpt = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance (default: all).", min=1)
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace results of a different run in --out.")
-JsonOpt = typer.Option(False, "--json", help="Print a machine-readable JSON summary instead of tables.")
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -93,6 +87,11 @@ def check_out_dir(path: Path) -> Path:
             with contextlib.suppress(OSError):  # another run may have started writing there meanwhile
                 p.rmdir()
     return path
+
+
+def results_dir(out_dir: Path | None, kind: str, task_name: str) -> SweepDir:
+    """--out, or a new folder under results/ named after the task and the command; checked writable."""
+    return SweepDir(check_out_dir(out_dir or default_out(kind, task_name)))
 
 
 def cluster(address: str | None, num_cpus: int | None) -> Cluster:

@@ -6,34 +6,43 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import typer
-from gns_sweep_cli.common import JsonOpt, fmt, handle_errors, json_ready, out
+from gns_sweep_cli import options as o
+from gns_sweep_cli.common import fmt, handle_errors, json_ready, out
 from rich.table import Table
 
 from gns_sweep.compare import Comparison, comparison_row, frontier_rows, run_compare
 from gns_sweep.errors import RunError
-from gns_sweep.storage import COMPARISON_FILE, COMPARISON_PLOT, FRONTIER_FILE
 
 
 @handle_errors
 def compare(
-    out_dir: Path = typer.Argument(..., help="Folder holding predict.parquet and trials.parquet."),
-    as_json: bool = JsonOpt,
+    out_dir: Annotated[Path, typer.Argument(help="Folder holding predict.parquet and trials.parquet.")],
+    as_json: o.AsJson = False,
 ) -> None:
     """Fit S = S_min + E_min/B to the sweep, B_crit = E_min/S_min, and set it beside B_simple."""
-    c = run_compare(out_dir)
+    show(run_compare(out_dir), as_json)
+
+
+def show(c: Comparison, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(summary(c)))
     else:
         render(c)
+    check(c)
+
+
+def check(c: Comparison) -> None:
+    """No fitted B_crit is a failure (exit 1), raised once the reasons are printed."""
     if c.frontier is None:
-        raise RunError(f"no B_crit for {out_dir}: {c.notes[0]}")
+        raise RunError(f"no B_crit for {c.out.path if c.out else 'these trials'}: {c.notes[0]}")
 
 
 def summary(c: Comparison) -> dict:
     return {
-        "out": str(c.out_dir) if c.out_dir else None,
+        "out": str(c.out.path) if c.out else None,
         "comparison": {k: json_ready(v) for k, v in comparison_row(c).items()},
         "batch_sizes": [{k: json_ready(v) for k, v in row.items()} for row in frontier_rows(c)],
         "statuses": c.statuses,
@@ -43,6 +52,15 @@ def summary(c: Comparison) -> dict:
 
 
 def render(c: Comparison) -> None:
+    render_frontier(c)
+    render_verdict(c)
+    for note in c.notes:
+        out.print(f"note: {note}")
+    if c.out is not None:
+        out.print(f"wrote {c.out.comparison}, {c.out.frontier} and {c.out.plot}")
+
+
+def render_frontier(c: Comparison) -> None:
     t = Table(title=f"{c.task}: steps to eval loss {c.target_loss:g} at the best lr (median over seeds)")
     for col in ("batch", "best lr", "steps", "examples", "seeds reached", "fit steps", "predicted steps", "note"):
         t.add_column(col, justify="right" if col != "note" else "left")
@@ -64,6 +82,8 @@ def render(c: Comparison) -> None:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(c.statuses.items()))
     out.print(f"trials: {counts}")
 
+
+def render_verdict(c: Comparison) -> None:
     r = comparison_row(c)
     t = Table(title="critical batch size: measured vs predicted")
     for col in ("quantity", "value", "B_simple / B_crit", "log10"):
@@ -84,8 +104,3 @@ def render(c: Comparison) -> None:
     if ratio > 0:
         verdict = "within a factor 2" if 0.5 <= ratio <= 2 else f"off by {max(ratio, 1 / ratio):.2g}x"
         out.print(f"[bold]B_simple/B_crit = {ratio:.2g}[/] ({verdict})")
-    for note in c.notes:
-        out.print(f"note: {note}")
-    if c.out_dir is not None:
-        d = c.out_dir
-        out.print(f"wrote {d / COMPARISON_FILE}, {d / FRONTIER_FILE} and {d / COMPARISON_PLOT}")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 
 import typer
+from gns_sweep_cli import compare as compare_cmd
+from gns_sweep_cli import empirical as empirical_cmd
 from gns_sweep_cli import predict as predict_cmd
+from gns_sweep_cli import run as run_cmd
 from gns_sweep_cli import tasks as tasks_cmd
 from gns_sweep_cli.common import err
 from rich.markup import escape
@@ -21,23 +24,9 @@ app = typer.Typer(
 )
 app.command("tasks")(tasks_cmd.tasks)
 app.command("predict")(predict_cmd.predict)
-
-
-def _register_optional() -> None:
-    """Commands in their own modules; each module adds itself if present."""
-    import importlib
-
-    for name in ("empirical", "compare", "run"):
-        try:
-            module = importlib.import_module(f"gns_sweep_cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"gns_sweep_cli.{name}":
-                raise
-            continue
-        app.command(name)(getattr(module, name))
-
-
-_register_optional()
+app.command("empirical")(empirical_cmd.empirical)
+app.command("compare")(compare_cmd.compare)
+app.command("run")(run_cmd.run)
 
 
 def _parse_errors() -> tuple[type[Exception], ...]:

@@ -4,86 +4,57 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
-import typer
-from gns_sweep_cli.common import (
-    AddressOpt,
-    Bars,
-    JsonOpt,
-    NumCpusOpt,
-    OverwriteOpt,
-    check_out_dir,
-    cluster,
-    default_out,
-    fmt,
-    handle_errors,
-    json_ready,
-    out,
-)
+from gns_sweep_cli import options as o
+from gns_sweep_cli.common import Bars, cluster, fmt, handle_errors, json_ready, out, results_dir
 from rich.table import Table
 
-from gns_sweep.per_example import DEFAULT_ENGINE, TOTAL
-from gns_sweep.predict import PredictConfig, PredictResult, noise_table, run_predict, settings, validate
-from gns_sweep.storage import PREDICT_FILE, check_output
-from gns_sweep.tasks import DEFAULT_TASK
+from gns_sweep.predict import PredictConfig, PredictResult, noise_table, prepare_predict, run_predict, settings
+from gns_sweep.results import TOTAL, ScopeRow
+from gns_sweep.tasks import load_task
 
 
 @handle_errors
 def predict(
-    task: str = typer.Option(
-        DEFAULT_TASK, "--task", help="Built-in task (see `gns-sweep tasks`) or package.module:attr."
-    ),
-    probe_size: int | None = typer.Option(
-        None, "--probe-size", help="Probe examples drawn from the training set [default: 4096, or all if fewer]."
-    ),
-    shards: int = typer.Option(4, "--shards", help="Ray tasks per checkpoint (the result does not depend on it)."),
-    blocks: int = typer.Option(16, "--blocks", help="Jackknife blocks for the 95% interval."),
-    layer: str | None = typer.Option(None, "--layer", help="Report only this layer (and the total)."),
-    warmup_steps: int = typer.Option(20, "--warmup-steps", help="Reference-run SGD steps before the first checkpoint."),
-    checkpoints: int = typer.Option(8, "--checkpoints", help="Measurements from the warm-up to the target."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the weights, the data order and the probe draw."),
-    engine: str = typer.Option(DEFAULT_ENGINE, "--engine", help="Per-example gradient engine."),
-    max_batch: int = typer.Option(256, "--max-batch", help="Micro-batch size inside a shard (bounds memory)."),
-    cpus_per_shard: float = typer.Option(1.0, "--cpus-per-shard", help="CPUs per shard task."),
-    gpus_per_shard: float = typer.Option(0.0, "--gpus-per-shard", help="GPUs per shard task (0: CPU)."),
-    out_dir: Path | None = typer.Option(None, "--out", help="Output folder (default: a new one under results/)."),
-    overwrite: bool = OverwriteOpt,
-    address: str | None = AddressOpt,
-    num_cpus: int | None = NumCpusOpt,
-    as_json: bool = JsonOpt,
+    task: o.TaskName = o.DEFAULT_TASK,
+    probe_size: o.ProbeSize = o.P.probe_size,
+    shards: o.Shards = o.P.shards,
+    blocks: o.Blocks = o.P.blocks,
+    layer: o.Layer = o.P.layer,
+    warmup_steps: o.WarmupSteps = o.P.warmup_steps,
+    checkpoints: o.Checkpoints = o.P.checkpoints,
+    seed: o.Seed = o.P.seed,
+    engine: o.Engine = o.P.engine,
+    max_batch: o.MaxBatch = o.P.max_batch,
+    cpus_per_shard: o.CpusPerShard = o.P.cpus_per_shard,
+    gpus_per_shard: o.GpusPerShard = o.P.gpus_per_shard,
+    out_dir: o.OutDir = None,
+    overwrite: o.Overwrite = False,
+    address: o.Address = None,
+    num_cpus: o.NumCpus = None,
+    as_json: o.AsJson = False,
 ) -> None:
     """Predict the critical batch size: B_simple = tr(Sigma)/|G|^2 from per-example gradients."""
-    config = PredictConfig(
-        task=task,
-        probe_size=probe_size,
-        shards=shards,
-        blocks=blocks,
-        layer=layer,
-        warmup_steps=warmup_steps,
-        checkpoints=checkpoints,
-        seed=seed,
-        engine=engine,
-        max_batch=max_batch,
-        cpus_per_shard=cpus_per_shard,
-        gpus_per_shard=gpus_per_shard,
-    )
-    loaded, config = validate(config)
-    folder = check_out_dir(out_dir or default_out("predict", loaded.name))
-    check_output(folder / PREDICT_FILE, settings(config), overwrite=overwrite)
+    config = o.from_options(PredictConfig, locals())
+    loaded = load_task(task)
+    job = prepare_predict(config, task=loaded, out=results_dir(out_dir, "predict", loaded.name), overwrite=overwrite)
     with cluster(address, num_cpus) as c, Bars(enabled=not as_json) as bars:
-        result = run_predict(config, c, out_dir=folder, progress=bars)
+        result = run_predict(job, c, progress=bars)
+    show(result, as_json)
+
+
+def show(r: PredictResult, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps(summary(result)))
+        out.print_json(json.dumps(summary(r)))
     else:
-        render(result)
+        render(r)
 
 
 def summary(r: PredictResult) -> dict:
     return json_ready(
         {
             "task": r.task,
-            "out": str(r.out_dir / PREDICT_FILE) if r.out_dir else None,
+            "out": str(r.out.predict) if r.out else None,
             "settings": settings(r.config),
             "reference": asdict(r.reference),
             "headline": asdict(r.headline),
@@ -96,14 +67,26 @@ def summary(r: PredictResult) -> dict:
     )
 
 
-def b_cells(row) -> tuple[str, str]:
-    """B_simple and its interval; an unresolved |G|^2 shows the lower bound instead."""
-    if not row.resolved:
-        return f">{fmt(row.b_simple_lower_bound)}", "unresolved"
-    return fmt(row.b_simple), f"{fmt(row.b_simple_lo)}-{fmt(row.b_simple_hi)}"
+def estimate_cells(row: ScopeRow) -> tuple[str, ...]:
+    """|G|^2, tr(Sigma), B_simple and its interval, SNR; an unresolved |G|^2 shows B_simple's lower bound."""
+    if row.resolved:
+        b, ci = fmt(row.b_simple), f"{fmt(row.b_simple_lo)}-{fmt(row.b_simple_hi)}"
+    else:
+        b, ci = f">{fmt(row.b_simple_lower_bound)}", "unresolved"
+    return fmt(row.grad_sq_norm), fmt(row.trace_sigma), b, ci, fmt(row.snr_mean)
 
 
 def render(r: PredictResult) -> None:
+    out.print(describe_reference(r))
+    render_checkpoints(r)
+    render_layers(r)
+    render_snr(r)
+    render_headline(r)
+    if r.out is not None:
+        out.print(f"wrote {r.out.predict}")
+
+
+def describe_reference(r: PredictResult) -> str:
     ref = r.reference
     if r.config.checkpoints == 1:
         reached = "one checkpoint, so the run was not traced to its target"
@@ -113,10 +96,13 @@ def render(r: PredictResult) -> None:
         reached = f"target {ref.target_loss:g} not reached within the budget"
     else:
         reached = "no target: traced to the end of the budget"
-    out.print(
+    return (
         f"[bold]{r.task}[/]: reference run at batch {ref.batch_size}, lr {ref.lr:g}; {reached}; "
         f"checkpoints at steps {', '.join(map(str, ref.checkpoint_steps))}"
     )
+
+
+def render_checkpoints(r: PredictResult) -> None:
     t = Table(title="B_simple along the reference run (whole model; 95% jackknife interval)")
     for col in ("ckpt", "step", "train loss", "eval loss", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR"):
         t.add_column(col, justify="right")
@@ -127,34 +113,26 @@ def render(r: PredictResult) -> None:
                 str(row.step),
                 fmt(row.train_loss, 4),
                 fmt(row.eval_loss, 4),
-                fmt(row.grad_sq_norm),
-                fmt(row.trace_sigma),
-                *b_cells(row),
-                fmt(row.snr_mean),
+                *estimate_cells(row),
             )
     out.print(t)
 
+
+def render_layers(r: PredictResult) -> None:
     last = max(row.checkpoint for row in r.rows)
     flags = {f.scope: f.verdict for f in r.layer_flags}
-    t = Table(title=f"per layer at checkpoint {last} (step {ref.checkpoint_steps[-1]})")
+    t = Table(title=f"per layer at checkpoint {last} (step {r.reference.checkpoint_steps[-1]})")
     for col in ("scope", "params", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR", "verdict"):
         t.add_column(col, justify="right" if col not in ("scope", "verdict") else "left")
     for row in r.rows:
         if row.checkpoint == last:
-            verdict = flags.get(row.scope, "")
-            t.add_row(
-                row.scope,
-                str(row.n_params),
-                fmt(row.grad_sq_norm),
-                fmt(row.trace_sigma),
-                *b_cells(row),
-                fmt(row.snr_mean),
-                verdict,
-            )
+            t.add_row(row.scope, str(row.n_params), *estimate_cells(row), flags.get(row.scope, ""))
     out.print(t)
     if r.noisiest_layer is not None:
         out.print(f"largest noise scale: layer [bold]{r.noisiest_layer}[/]")
 
+
+def render_snr(r: PredictResult) -> None:
     t = Table(title="per-parameter SNR |mean|/std at the last checkpoint (10 log-spaced bins)")
     t.add_column("SNR from", justify="right")
     t.add_column("to", justify="right")
@@ -165,6 +143,8 @@ def render(r: PredictResult) -> None:
         t.add_row(fmt(r.snr_edges[i]), fmt(r.snr_edges[i + 1]), str(count), "#" * round(30 * count / peak))
     out.print(t)
 
+
+def render_headline(r: PredictResult) -> None:
     h = r.headline
     out.print(
         f"[bold]B_simple = {fmt(h.b_simple_window)}[/] (averaged over the last checkpoints "
@@ -172,14 +152,12 @@ def render(r: PredictResult) -> None:
         f"at the first checkpoint {fmt(h.b_simple_start)})"
     )
     rows = noise_table(h.b_simple_window)
-    if rows:
-        t = Table(title="predicted cost per batch size B: noise = B_simple/B, S(B)/S_min, E(B)/E_min")
-        for col in ("B", "noise", "steps x", "examples x"):
-            t.add_column(col, justify="right")
-        for n in rows:
-            t.add_row(str(n.batch_size), fmt(n.noise), fmt(n.steps_multiplier), fmt(n.examples_multiplier))
-        out.print(t)
-    else:
+    if not rows:
         out.print("B_simple is unresolved at this probe size: raise --probe-size, or measure later in training.")
-    if r.out_dir is not None:
-        out.print(f"wrote {r.out_dir / PREDICT_FILE}")
+        return
+    t = Table(title="predicted cost per batch size B: noise = B_simple/B, S(B)/S_min, E(B)/E_min")
+    for col in ("B", "noise", "steps x", "examples x"):
+        t.add_column(col, justify="right")
+    for n in rows:
+        t.add_row(str(n.batch_size), fmt(n.noise), fmt(n.steps_multiplier), fmt(n.examples_multiplier))
+    out.print(t)

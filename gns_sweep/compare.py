@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +12,15 @@ import numpy as np
 from gns_sweep import __version__
 from gns_sweep import frontier as fr
 from gns_sweep.errors import UsageError
-from gns_sweep.predict import ScopeRow, headline
+from gns_sweep.plot import FrontierPlot, plot_frontier
+from gns_sweep.results import TOTAL, ScopeRow, headline
 from gns_sweep.storage import (
-    COMPARISON_FILE,
-    COMPARISON_PLOT,
     COMPARISON_SCHEMA,
-    FRONTIER_FILE,
     FRONTIER_SCHEMA,
-    PLAN_FILE,
-    PREDICT_FILE,
     PREDICT_SCHEMA,
-    TRIALS_FILE,
     TRIALS_SCHEMA,
+    SweepDir,
     read_result,
-    read_settings,
     write_table,
 )
 
@@ -55,7 +50,7 @@ class Comparison:
     prediction: Prediction
     statuses: dict[str, int]  # trials per status
     notes: tuple[str, ...]  # what a reader must know before trusting the numbers
-    out_dir: Path | None = None
+    out: SweepDir | None = None  # where it was read and written
 
     @property
     def b_crit(self) -> float:
@@ -73,42 +68,37 @@ class Comparison:
         return tuple(p.batch_size for p in self.points if p.lr_edge)
 
 
-def read_inputs(out_dir: Path) -> tuple[list[dict], list[dict], dict]:
-    """predict rows, trial rows, sweep settings; a missing piece names the command that makes it."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise UsageError(
-            f"{out_dir} is not a folder; give the --out folder of `gns-sweep run` (or of predict and empirical)"
-        )
-    if not (out_dir / PREDICT_FILE).exists():
-        raise UsageError(f"{out_dir} has no {PREDICT_FILE}; run `gns-sweep predict --task TASK --out {out_dir}` first")
-    if not (out_dir / TRIALS_FILE).exists():
-        hint = "--resume " if (out_dir / PLAN_FILE).exists() else ""
-        raise UsageError(
-            f"{out_dir} has no {TRIALS_FILE}; run `gns-sweep empirical --task TASK {hint}--out {out_dir}` first"
-        )
+def read_inputs(out: SweepDir) -> tuple[list[dict], list[dict]]:
+    """predict rows and trial rows; a missing piece names the command that makes it."""
+    d = out.path
+    if not d.is_dir():
+        raise UsageError(f"{d} is not a folder; give the --out folder of `gns-sweep run` (or of predict and empirical)")
+    if not out.predict.exists():
+        raise UsageError(f"{d} has no {out.predict.name}; run `gns-sweep predict --task TASK --out {d}` first")
+    if not out.trials.exists():
+        hint = "--resume " if out.plan.exists() else ""
+        raise UsageError(f"{d} has no {out.trials.name}; run `gns-sweep empirical --task TASK {hint}--out {d}` first")
     predict_rows = read_result(
-        out_dir / PREDICT_FILE, PREDICT_SCHEMA, f"run `gns-sweep predict --task TASK --out {out_dir} --overwrite` again"
+        out.predict, PREDICT_SCHEMA, f"run `gns-sweep predict --task TASK --out {d} --overwrite` again"
     )
     trial_rows = read_result(
-        out_dir / TRIALS_FILE, TRIALS_SCHEMA, f"run `gns-sweep empirical --task TASK --resume --out {out_dir}` again"
+        out.trials, TRIALS_SCHEMA, f"run `gns-sweep empirical --task TASK --resume --out {d}` again"
     )
     if not trial_rows:
-        raise UsageError(f"{out_dir / TRIALS_FILE} holds no trials; run `gns-sweep empirical --resume --out {out_dir}`")
-    sweep = read_settings(out_dir / TRIALS_FILE) or {}
+        raise UsageError(f"{out.trials} holds no trials; run `gns-sweep empirical --resume --out {d}`")
     tasks = {r["task"] for r in predict_rows} | {r["task"] for r in trial_rows}
     if len(tasks) > 1:
         raise UsageError(
-            f"{out_dir} mixes tasks {sorted(tasks)} between {PREDICT_FILE} and {TRIALS_FILE}; "
+            f"{d} mixes tasks {sorted(tasks)} between {out.predict.name} and {out.trials.name}; "
             "rerun predict or empirical for one task"
         )
-    return predict_rows, trial_rows, sweep
+    return predict_rows, trial_rows
 
 
 def prediction(predict_rows: Sequence[dict]) -> Prediction:
     rows = [ScopeRow(**r) for r in predict_rows]
     h = headline(rows)
-    total = sorted((r for r in rows if r.scope == "total"), key=lambda r: r.checkpoint)
+    total = sorted((r for r in rows if r.scope == TOTAL), key=lambda r: r.checkpoint)
     batch = total[-1].examples_seen // max(total[-1].step, 1) if total[-1].step else 0
     return Prediction(h.b_simple_start, h.b_simple_run, h.b_simple_window, int(batch), total[-1].eval_loss)
 
@@ -142,6 +132,23 @@ def compare_trials(trial_rows: Sequence[dict], pred: Prediction, *, resamples: i
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return Comparison(
+        task=rows[0]["task"],
+        target_loss=float(rows[0]["target_loss"]),
+        budget_examples=int(rows[0]["budget_examples"]),
+        points=points,
+        seed_points=seed_points,
+        frontier=fit,
+        interval=interval,
+        prediction=pred,
+        statuses=statuses,
+        notes=tuple(notes + _notes(points, fit, n_seeds=len(set(seeds.tolist())))),
+    )
+
+
+def _notes(points: Sequence[fr.BatchPoint], fit: fr.Frontier | None, *, n_seeds: int) -> list[str]:
+    """What a reader must know before trusting the fit."""
+    notes = []
     censored = [p.batch_size for p in points if p.censored]
     if censored:
         notes.append(f"batch sizes {_join(censored)} never reached the target in most seeds: censored, not fitted")
@@ -152,21 +159,9 @@ def compare_trials(trial_rows: Sequence[dict], pred: Prediction, *, resamples: i
         notes.append("the measured steps do not bend inside the batch-size grid: B_crit is only a bound")
     if fit and fit.s_min < 10:
         notes.append(f"S_min = {fit.s_min:.3g} steps: the target is nearly trivial at large batch; tighten it")
-    if len(set(seeds.tolist())) < 2:
+    if n_seeds < 2:
         notes.append("one seed only: no bootstrap interval")
-    target = float(rows[0]["target_loss"])
-    return Comparison(
-        task=rows[0]["task"],
-        target_loss=target,
-        budget_examples=int(rows[0]["budget_examples"]),
-        points=points,
-        seed_points=seed_points,
-        frontier=fit,
-        interval=interval,
-        prediction=pred,
-        statuses=statuses,
-        notes=tuple(notes),
-    )
+    return notes
 
 
 def _join(values: Sequence) -> str:
@@ -231,17 +226,31 @@ def frontier_rows(c: Comparison) -> list[dict]:
     return out
 
 
+def plot_data(c: Comparison) -> FrontierPlot:
+    """What comparison.png shows, as plain numbers."""
+    f = c.frontier
+    return FrontierPlot(
+        title=f"{c.task}: eval loss {c.target_loss:g}, best lr per batch size",
+        measured=tuple((p.batch_size, p.examples, p.steps) for p in c.points if not p.censored),
+        seed_points=c.seed_points,
+        censored=c.censored,
+        budget_examples=c.budget_examples,
+        s_min=f.s_min if f else math.nan,
+        b_crit=f.b_crit if f else math.nan,
+        b_crit_interval=(c.interval.lo, c.interval.hi),
+        b_simple=c.prediction.target,
+    )
+
+
 def run_compare(out_dir: Path, *, plot: bool = True, resamples: int = BOOTSTRAP_RESAMPLES) -> Comparison:
     """Read DIR, compare, write comparison.parquet, frontier.parquet and comparison.png."""
-    out_dir = Path(out_dir)
-    predict_rows, trial_rows, _ = read_inputs(out_dir)
+    out = SweepDir(out_dir)
+    predict_rows, trial_rows = read_inputs(out)
     c = compare_trials(trial_rows, prediction(predict_rows), resamples=resamples)
-    c = Comparison(**{**c.__dict__, "out_dir": out_dir})
-    sets = settings(out_dir)
-    write_table(out_dir / COMPARISON_FILE, [comparison_row(c)], COMPARISON_SCHEMA, sets)
-    write_table(out_dir / FRONTIER_FILE, frontier_rows(c), FRONTIER_SCHEMA, sets)
+    c = replace(c, out=out)
+    sets = settings(out.path)
+    write_table(out.comparison, [comparison_row(c)], COMPARISON_SCHEMA, sets)
+    write_table(out.frontier, frontier_rows(c), FRONTIER_SCHEMA, sets)
     if plot:
-        from gns_sweep.plot import plot_comparison
-
-        plot_comparison(c, out_dir / COMPARISON_PLOT)
+        plot_frontier(plot_data(c), out.plot)
     return c

@@ -2,8 +2,8 @@
 
 McCandlish et al. eq. 2.11: steps to a target S(B) = S_min (1 + B_crit/B), i.e.
 S = S_min + E_min/B with B_crit = E_min/S_min. The fit is least squares on
-log S (DESIGN.md: a linear fit in 1/B is dominated by the small-batch points
-and swings wildly between seeds). For a fixed B_crit the best log S_min is a
+log S: a linear fit in 1/B is dominated by the small-batch points (thousands
+of steps) and swings wildly between seeds. For a fixed B_crit the best log S_min is a
 weighted mean, so the fit is a 1-D search over log B_crit.
 """
 

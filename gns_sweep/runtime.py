@@ -31,8 +31,6 @@ class ClusterConfig:
 
     address: str | None = None  # existing cluster ("host:port" or "auto"); None starts a local instance
     num_cpus: int | None = None  # CPUs of a local instance (default: all)
-    num_gpus: int | None = None  # GPUs of a local instance (default: detected)
-    dashboard: bool = False  # start the Ray dashboard with a local instance
 
 
 @dataclass(frozen=True)
@@ -202,8 +200,7 @@ def connect(cluster: Cluster) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
             num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-            include_dashboard=cfg.dashboard,
+            include_dashboard=False,  # nothing listens beyond what the work needs
             dashboard_host="127.0.0.1",
             logging_level=logging.ERROR,
             log_to_driver=False,

@@ -1,6 +1,6 @@
 """Mergeable gradient statistics and the noise-scale estimators (pure math).
 
-Conventions (DESIGN.md): g_i is the gradient of example i's own loss. Per
+Conventions: g_i is the gradient of example i's own loss (not divided by a batch size). Per
 scope, with N examples,
     tr(Sigma) = 1/(N-1) sum ||g_i - gbar||^2            (unbiased)
     |G|^2     = ||gbar||^2 - tr(Sigma)/N                 (unbiased)

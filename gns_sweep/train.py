@@ -32,7 +32,6 @@ class TrainConfig:
     budget_examples: int  # stop after this many training examples
     target_loss: float | None  # stop when the eval loss first reaches this (None: run the budget)
     seed: int  # seeds the initial weights and the data order
-    stop_at_target: bool = True  # False: keep training to the budget after reaching the target
 
 
 @dataclass(frozen=True)
@@ -109,17 +108,12 @@ def train(
     max_steps = max(1, config.budget_examples // config.batch_size)
     if stop_after is not None:
         max_steps = min(max_steps, stop_after)
-
-    first = eval_loss(model, task, device=device)
-    steps_list, losses = [0], [first]
-    target = config.target_loss
-    steps_to_target = 0 if target is not None and first <= target else None
-    status = BUDGET
+    curve = _Curve(eval_loss(model, task, device=device), config.target_loss)
     if on_step is not None:
         on_step(0, model)
-    step = 0
-    if steps_to_target is not None and config.stop_at_target:
+    if curve.steps_to_target is not None:  # the initial weights already reach the target
         max_steps = 0
+    step = 0
     data = batches(x_all.shape[0], config.batch_size, config.seed)
     while step < max_steps:
         idx = next(data)
@@ -128,37 +122,50 @@ def train(
             p.grad = None
         loss = task.loss(model(x_all[idx]), y_all[idx]).mean()
         if not torch.isfinite(loss):
-            status = DIVERGED
-            steps_list.append(step)
-            losses.append(math.inf)
+            curve.add(step, math.inf)
             break
         loss.backward()
         _sgd_step(params, config.lr)
         if on_step is not None:
             on_step(step, model)
-        if eval_due(step) or step == max_steps:
-            current = eval_loss(model, task, device=device)
-            steps_list.append(step)
-            losses.append(current)
-            if not math.isfinite(current) or current > DIVERGE_FACTOR * max(first, 1e-12):
-                status = DIVERGED
-                break
-            if steps_to_target is None and target is not None and current <= target:
-                steps_to_target = step
-                if config.stop_at_target:
-                    break
-    if status != DIVERGED and steps_to_target is not None:
-        status = REACHED
-    return TrainResult(
-        status=status,
-        steps=step,
-        steps_to_target=steps_to_target,
-        initial_eval_loss=first,
-        final_eval_loss=losses[-1],
-        curve_steps=tuple(steps_list),
-        curve_losses=tuple(losses),
-        update_ratios=_update_ratios(model, config.lr),
-    )
+        if (eval_due(step) or step == max_steps) and curve.add(step, eval_loss(model, task, device=device)):
+            break
+    return curve.result(step, _update_ratios(model, config.lr))
+
+
+class _Curve:
+    """The eval curve of one run, and whether it has reached its target or diverged."""
+
+    def __init__(self, first: float, target: float | None) -> None:
+        self.first, self.target = first, target
+        self.steps, self.losses = [0], [first]
+        self.diverged = False
+        self.steps_to_target = 0 if target is not None and first <= target else None
+
+    def add(self, step: int, loss: float) -> bool:
+        """Record an evaluation; True when the run should stop (diverged, or the target reached)."""
+        self.steps.append(step)
+        self.losses.append(loss)
+        if not math.isfinite(loss) or loss > DIVERGE_FACTOR * max(self.first, 1e-12):
+            self.diverged = True
+            return True
+        if self.steps_to_target is None and self.target is not None and loss <= self.target:
+            self.steps_to_target = step
+            return True
+        return False
+
+    def result(self, steps: int, update_ratios: dict[str, float]) -> TrainResult:
+        status = DIVERGED if self.diverged else REACHED if self.steps_to_target is not None else BUDGET
+        return TrainResult(
+            status=status,
+            steps=steps,
+            steps_to_target=self.steps_to_target,
+            initial_eval_loss=self.first,
+            final_eval_loss=self.losses[-1],
+            curve_steps=tuple(self.steps),
+            curve_losses=tuple(self.losses),
+            update_ratios=update_ratios,
+        )
 
 
 @torch.no_grad()

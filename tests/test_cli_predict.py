@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -88,7 +89,7 @@ def test_an_out_folder_that_cannot_be_made_is_bad_input(tmp_path):
 )
 def test_parse_errors_are_one_line_too(argv, fragment):
     proc = subprocess.run(
-        [sys.executable, "-m", "gns_sweep", *argv], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "gns_sweep_cli", *argv], capture_output=True, text=True, timeout=120, check=False
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -108,26 +109,18 @@ def test_predict_writes_parquet_and_refuses_a_different_run(tmp_path, ray_addres
     assert "B_simple" in result.output and "largest noise scale" in result.output
     path = out / "predict.parquet"
     df = pd.read_parquet(path)
-    expected = {
-        "task": "object",
-        "checkpoint": "int64",
-        "step": "int64",
-        "train_loss": "float64",
-        "scope": "object",
-        "n_examples": "int64",
-        "estimator": "object",
-        "grad_sq_norm": "float64",
-        "trace_sigma": "float64",
-        "b_simple": "float64",
-        "b_simple_lo": "float64",
-        "b_simple_hi": "float64",
-        "snr_mean": "float64",
-        "resolved": "bool",
-    }
-    for column, dtype in expected.items():
-        assert column in df.columns
-        kind = df[column].dtype
-        assert str(kind) == dtype or (dtype == "object" and pd.api.types.is_string_dtype(kind)), (column, kind)
+    # what is stored is the estimator's: B_simple = tr(Sigma)/|G|^2 inside its interval, and the
+    # layers' |G|^2 and tr(Sigma) add up to the total's at every checkpoint
+    resolved = df[df.resolved]
+    assert len(resolved) >= 2
+    np.testing.assert_allclose(resolved.b_simple, resolved.trace_sigma / resolved.grad_sq_norm, rtol=1e-12)
+    lo_ok = resolved.b_simple_lo.isna() | (resolved.b_simple_lo < resolved.b_simple)  # NaN: a block left out
+    assert (lo_ok & (resolved.b_simple < resolved.b_simple_hi)).all()  # leaves |G|^2 unresolved, hi is inf
+    for _, at in df.groupby("checkpoint"):
+        layers, total = at[at.scope != "total"], at[at.scope == "total"].iloc[0]
+        assert layers.trace_sigma.sum() == pytest.approx(total.trace_sigma, rel=1e-9)
+        assert layers.grad_sq_norm.sum() == pytest.approx(total.grad_sq_norm, rel=1e-9)
+        assert layers.n_params.sum() == total.n_params
     assert len(df) == 2 * 3  # 2 checkpoints x (total + 2 layers)
     assert set(df["scope"]) == {"total", "0", "2"}
     assert (df["n_examples"] == 64).all()
@@ -138,6 +131,10 @@ def test_predict_writes_parquet_and_refuses_a_different_run(tmp_path, ray_addres
     # The same command again is fine; a different one needs --overwrite.
     again = invoke("predict", "--task", "blobs-noisy", *SMALL, "--out", out, "--address", ray_address)
     assert again.exit_code == 0, again.output
+    before = path.read_bytes()
+    other = invoke("predict", "--task", "blobs-noisy", *SMALL, "--seed", 1, "--out", out, "--address", ray_address)
+    assert_usage_error(other, "already holds a different run (differs in: seed)", "--overwrite")
+    assert path.read_bytes() == before
     other = invoke("predict", "--task", "blobs-noisy", *SMALL, "--seed", "1", "--out", out, "--address", ray_address)
     assert_usage_error(other, "already holds a different run", "--overwrite")
     assert read_settings(path)["seed"] == 0

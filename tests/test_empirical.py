@@ -14,7 +14,7 @@ import pytest
 from gns_sweep_cli.main import app
 from typer.testing import CliRunner
 
-from gns_sweep.storage import PLAN_FILE, TRIALS_DIR, finished_trial_ids, read_rows
+from gns_sweep.storage import SweepDir, read_rows
 
 runner = CliRunner()
 
@@ -41,8 +41,12 @@ def test_diverged_trials_are_recorded(ray_address, tmp_path):
     assert (curves.examples == curves.step * curves.batch_size).all()
 
 
+@pytest.mark.machine
 def test_resume_after_sigkill_completes_without_duplicates(ray_address, tmp_path):
+    """Depends on the machine's speed: the kill must land after 2 and before all 12 trials finish
+    (each runs ~1 s here); on a much faster or slower machine it can miss that window."""
     out = tmp_path / "killed"
+    sweep = SweepDir(out)
     # 12 trials that each run their whole budget (the target is unreachable), ~1 s apiece
     args = [
         "empirical", "--task", "blobs-noisy", "--batch-sizes", "4,8", "--lrs", "0.05,0.1", "--seeds", "3",
@@ -50,20 +54,20 @@ def test_resume_after_sigkill_completes_without_duplicates(ray_address, tmp_path
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gns_sweep", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "gns_sweep_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
     try:
-        while len(finished_trial_ids(out)) < 2:
+        while len(sweep.finished_trial_ids()) < 2:
             assert proc.poll() is None, "the sweep ended before it could be killed"
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done_before = finished_trial_ids(out)
+    done_before = sweep.finished_trial_ids()
     assert 2 <= len(done_before) < 12
-    planned = {row["trial_id"] for row in read_rows(out / PLAN_FILE)}
+    planned = {row["trial_id"] for row in read_rows(sweep.plan)}
     assert len(planned) == 12
 
     again = invoke(*args)
@@ -74,8 +78,8 @@ def test_resume_after_sigkill_completes_without_duplicates(ray_address, tmp_path
     assert f"{len(done_before)} already on disk" in result.output
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 12 and trials.trial_id.is_unique
-    assert set(trials.trial_id) == planned == finished_trial_ids(out)
-    assert not [p for p in (out / TRIALS_DIR).iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert set(trials.trial_id) == planned == sweep.finished_trial_ids()
+    assert not [p for p in sweep.trials_dir.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     assert (trials.status == "budget").all()
 
 

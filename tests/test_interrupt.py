@@ -15,7 +15,7 @@ from gns_sweep.runtime import Cluster, ClusterConfig
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_predict_cleanly(tmp_path, signum, code):
     out = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "gns_sweep", "predict", "--task", "blobs-noisy", "--engine", "loop",
+    cmd = [sys.executable, "-m", "gns_sweep_cli", "predict", "--task", "blobs-noisy", "--engine", "loop",
            "--probe-size", "4096", "--checkpoints", "20", "--warmup-steps", "0", "--shards", "2",
            "--num-cpus", "2", "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

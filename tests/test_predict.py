@@ -14,6 +14,7 @@ from gns_sweep.predict import (
     edges,
     measure,
     micro_batches,
+    prepare_predict,
     probe_indices,
     probe_shard,
     run_predict,
@@ -25,6 +26,10 @@ from gns_sweep.tasks.builtin import LINREG, LINREG_ILL
 from gns_sweep.train import init_model
 
 
+def predict(config, cluster):
+    return run_predict(prepare_predict(config), cluster)
+
+
 def total_rows(result):
     return [r for r in result.rows if r.scope == "total"]
 
@@ -34,7 +39,7 @@ def test_linreg_matches_closed_form(cluster, name, spec):
     """At the initial weights, B_simple = ((e'Le + s^2) tr L + e'L^2 e) / e'L^2 e."""
     task = load_task(name)
     cfg = PredictConfig(task=name, probe_size=task.n_train, shards=2, warmup_steps=0, checkpoints=1)
-    result = run_predict(cfg, cluster)
+    result = predict(cfg, cluster)
     w = init_model(task, cfg.seed).weight.detach().double().reshape(-1)
     (row,) = total_rows(result)
     assert row.step == 0
@@ -53,7 +58,7 @@ def test_linreg_matches_closed_form(cluster, name, spec):
 
 def test_shard_count_does_not_change_the_result(cluster):
     base = dict(task="blobs-noisy", probe_size=600, warmup_steps=3, checkpoints=2, blocks=5)
-    results = [run_predict(PredictConfig(shards=k, **base), cluster) for k in (1, 3, 7)]
+    results = [predict(PredictConfig(shards=k, **base), cluster) for k in (1, 3, 7)]
     ref = results[0].rows
     for other in results[1:]:
         for a, b in zip(ref, other.rows, strict=True):
@@ -64,10 +69,10 @@ def test_shard_count_does_not_change_the_result(cluster):
 
 def test_ray_result_equals_in_process_computation(cluster):
     cfg = PredictConfig(task="blobs-clean", probe_size=500, shards=4, blocks=4, warmup_steps=0, checkpoints=1)
-    result = run_predict(cfg, cluster)
+    result = predict(cfg, cluster)
     task = load_task(cfg.task)
     model = init_model(task, cfg.seed)
-    idx = probe_indices(task, cfg)
+    idx = probe_indices(task.n_train, cfg.probe_size, cfg.seed)
     pieces = probe_shard(
         model=model,
         probe=(task.train_inputs[idx], task.train_targets[idx], task.loss),
@@ -87,7 +92,7 @@ def test_ray_result_equals_in_process_computation(cluster):
 
 def test_noisy_labels_give_a_far_larger_noise_scale(cluster):
     def headline(name):
-        return run_predict(PredictConfig(task=name, probe_size=2048, shards=2, checkpoints=4), cluster).headline
+        return predict(PredictConfig(task=name, probe_size=2048, shards=2, checkpoints=4), cluster).headline
 
     noisy, clean = headline("blobs-noisy"), headline("blobs-clean")
     assert noisy.b_simple_window > 3 * clean.b_simple_window
@@ -95,11 +100,11 @@ def test_noisy_labels_give_a_far_larger_noise_scale(cluster):
 
 def test_layers_scopes_and_checkpoints(cluster):
     cfg = PredictConfig(task="blobs-noisy", probe_size=256, shards=2, warmup_steps=5, checkpoints=3)
-    result = run_predict(cfg, cluster)
+    result = predict(cfg, cluster)
     steps = result.reference.checkpoint_steps
     assert len(steps) == 3 and steps[0] == 5 and list(steps) == sorted(set(steps))
     assert {r.scope for r in result.rows} == {"total", "0", "2"}
-    layer_only = run_predict(PredictConfig(**{**cfg.__dict__, "layer": "2"}), cluster)
+    layer_only = predict(PredictConfig(**{**cfg.__dict__, "layer": "2"}), cluster)
     assert {r.scope for r in layer_only.rows} == {"total", "2"}
     # Per-layer |G|^2 and tr(Sigma) add up to the total's (squared norms split across layers).
     for c in range(3):
@@ -112,11 +117,11 @@ def test_layers_scopes_and_checkpoints(cluster):
 
 def test_warmup_zero_single_checkpoint_measures_the_built_model(cluster):
     cfg = PredictConfig(task="linreg", probe_size=300, shards=1, warmup_steps=0, checkpoints=1)
-    result = run_predict(cfg, cluster)
+    result = predict(cfg, cluster)
     task = load_task("linreg")
     model = init_model(task, 0)
     with torch.no_grad():
-        idx = probe_indices(task, result.config)
+        idx = probe_indices(task.n_train, result.config.probe_size, result.config.seed)
         loss = task.loss(model(task.train_inputs[idx]), task.train_targets[idx]).double().mean()
     (row,) = total_rows(result)
     assert row.step == 0 and row.examples_seen == 0
@@ -126,8 +131,8 @@ def test_warmup_zero_single_checkpoint_measures_the_built_model(cluster):
 
 def test_engines_agree(cluster):
     base = dict(task="blobs-noisy", probe_size=64, shards=2, warmup_steps=2, checkpoints=1, blocks=4)
-    a = run_predict(PredictConfig(engine="general", **base), cluster)
-    b = run_predict(PredictConfig(engine="loop", **base), cluster)
+    a = predict(PredictConfig(engine="general", **base), cluster)
+    b = predict(PredictConfig(engine="loop", **base), cluster)
     for ra, rb in zip(a.rows, b.rows, strict=True):
         assert ra.b_simple == pytest.approx(rb.b_simple, rel=1e-5)
     assert get_engine("loop").name == "loop"

@@ -1,3 +1,0 @@
-from gns_sweep_cli.main import main
-
-main()

@@ -1,0 +1,29 @@
+"""`empirical`: measure steps-to-target over a (batch size, lr, seed) grid, one Ray task per trial.
+
+One module per job: config (settings and the plan's types), validate (checks
+before any work), planning (lr grid, stability probe, pilot target), trial
+(what a Ray task runs), pipeline (the two entry points and the files).
+"""
+
+from gns_sweep.empirical.config import EmpiricalConfig, Plan, TrialSpec, settings, trial_id
+from gns_sweep.empirical.pipeline import EmpiricalJob, EmpiricalResult, prepare_empirical, run_empirical
+from gns_sweep.empirical.planning import lr_grid, make_plan, pilot_target, stable_lr
+from gns_sweep.empirical.trial import TrialRecord, run_trial
+
+__all__ = [
+    "EmpiricalConfig",
+    "EmpiricalJob",
+    "EmpiricalResult",
+    "Plan",
+    "TrialRecord",
+    "TrialSpec",
+    "lr_grid",
+    "make_plan",
+    "pilot_target",
+    "prepare_empirical",
+    "run_empirical",
+    "run_trial",
+    "settings",
+    "stable_lr",
+    "trial_id",
+]

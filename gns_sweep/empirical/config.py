@@ -1,0 +1,75 @@
+"""The sweep's settings and its resolved plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gns_sweep import __version__
+
+
+@dataclass(frozen=True)
+class EmpiricalConfig:
+    """What the user asked for; `make_plan` resolves the defaults."""
+
+    task: str  # built-in name or package.module:attr
+    batch_sizes: tuple[int, ...] | None = None  # None: the task's grid
+    lrs: tuple[float, ...] | None = None  # explicit lrs, the same at every batch size
+    lr_multipliers: tuple[float, ...] | None = None  # multiples of each batch size's centre lr (None: x1/4 ... x4)
+    seeds: int = 3  # seeds 0..seeds-1
+    budget_examples: int | None = None  # None: the task's budget
+    target_loss: float | None = None  # None: the task's target, or a pilot's
+    cpus_per_trial: float = 1.0  # Ray CPUs per trial (and its torch threads)
+    gpus_per_trial: float = 0.0  # Ray GPUs per trial (> 0: the trial trains on cuda)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One (batch size, lr, seed) of the plan."""
+
+    trial_id: str  # stable name, also the file name
+    batch_size: int
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved sweep: identical plans may resume each other."""
+
+    task: str  # the task's name
+    batch_sizes: tuple[int, ...]
+    lrs: tuple[tuple[float, ...], ...]  # lr grid of each batch size, same order as batch_sizes
+    seeds: tuple[int, ...]
+    budget_examples: int  # training examples allowed per trial
+    target_loss: float
+    target_source: str  # "task", "--target-loss" or "pilot"
+    lr_cap: float | None  # centre lrs were capped here (half the largest stable lr); None: explicit lrs
+    trials: tuple[TrialSpec, ...] = field(repr=False)
+
+    def key(self) -> dict:
+        """What must match for --resume to continue a sweep."""
+        return {
+            "task": self.task,
+            "batch_sizes": list(self.batch_sizes),
+            "lrs": [list(g) for g in self.lrs],
+            "seeds": list(self.seeds),
+            "budget_examples": self.budget_examples,
+            "target_loss": self.target_loss,
+        }
+
+
+def trial_id(batch_size: int, lr: float, seed: int) -> str:
+    return f"b{batch_size}-lr{lr:.6g}-s{seed}"
+
+
+def settings(config: EmpiricalConfig, plan: Plan) -> dict:
+    """What every sweep file records."""
+    return {
+        "command": "empirical",
+        "version": __version__,
+        **plan.key(),
+        "target_source": plan.target_source,
+        "lr_cap": plan.lr_cap,
+        "cpus_per_trial": config.cpus_per_trial,
+        "gpus_per_trial": config.gpus_per_trial,
+    }

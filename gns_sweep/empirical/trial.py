@@ -1,0 +1,75 @@
+"""One trial, as a Ray task runs it: a training run from the seed's initial weights, and its record."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from gns_sweep.empirical.config import TrialSpec
+from gns_sweep.runtime import WorkerInfo
+from gns_sweep.tasks import Task
+from gns_sweep.train import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What one trial did: a row of trials.parquet plus its eval curve."""
+
+    trial_id: str
+    task: str
+    batch_size: int
+    lr: float
+    seed: int
+    status: str  # reached, budget or diverged
+    steps: int
+    steps_to_target: int | None
+    examples_to_target: int | None
+    target_loss: float
+    initial_eval_loss: float
+    final_eval_loss: float
+    best_eval_loss: float
+    budget_examples: int
+    wall_seconds: float
+    cpu_seconds: float
+    node_id: str
+    device: str
+    update_ratio_max: float
+    update_ratios: str  # JSON {parameter: ||lr*grad||/||w||}
+    curve_steps: tuple[int, ...]
+    curve_losses: tuple[float, ...]
+
+
+def run_trial(
+    *, task: Task, trial: TrialSpec, target_loss: float, budget_examples: int, worker: WorkerInfo
+) -> TrialRecord:
+    """Runs on a worker: one training run, from the seed's initial weights."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    cfg = TrainConfig(trial.batch_size, trial.lr, budget_examples, target_loss, seed=trial.seed)
+    r = train(task, cfg, device=worker.device)
+    finite = [x for x in r.curve_losses if math.isfinite(x)]
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        task=task.name,
+        batch_size=trial.batch_size,
+        lr=trial.lr,
+        seed=trial.seed,
+        status=r.status,
+        steps=r.steps,
+        steps_to_target=r.steps_to_target,
+        examples_to_target=None if r.steps_to_target is None else r.steps_to_target * trial.batch_size,
+        target_loss=target_loss,
+        initial_eval_loss=r.initial_eval_loss,
+        final_eval_loss=r.final_eval_loss,
+        best_eval_loss=min(finite) if finite else math.inf,
+        budget_examples=budget_examples,
+        wall_seconds=time.perf_counter() - wall,
+        cpu_seconds=time.process_time() - cpu,
+        node_id=worker.node_id,
+        device=worker.device,
+        update_ratio_max=max(r.update_ratios.values(), default=math.nan),
+        update_ratios=json.dumps(r.update_ratios),
+        curve_steps=r.curve_steps,
+        curve_losses=r.curve_losses,
+    )

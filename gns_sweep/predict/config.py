@@ -1,0 +1,34 @@
+"""predict's settings: what the user asks for, with its defaults (the CLI reads them from here)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gns_sweep import __version__
+from gns_sweep.per_example import DEFAULT_ENGINE
+
+DEFAULT_PROBE = 4096  # probe examples when the task has that many
+ESTIMATOR = "per-example"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of one predict run (all recorded in predict.parquet)."""
+
+    task: str  # built-in name or package.module:attr
+    probe_size: int | None = None  # probe examples from the training set (None: min(DEFAULT_PROBE, all))
+    shards: int = 4  # Ray tasks per checkpoint (the result does not depend on it)
+    blocks: int = 16  # jackknife blocks of the probe set (capped at probe_size)
+    layer: str | None = None  # report only this layer (and the total)
+    warmup_steps: int = 20  # reference-run steps before the first checkpoint
+    checkpoints: int = 8  # measurements along the reference run
+    seed: int = 0  # initial weights, data order and probe draw
+    engine: str = DEFAULT_ENGINE  # per-example engine (see gns_sweep.per_example.ENGINES)
+    max_batch: int = 256  # micro-batch size inside a shard: bounds peak memory
+    cpus_per_shard: float = 1.0  # Ray CPUs per shard task (and its torch threads)
+    gpus_per_shard: float = 0.0  # Ray GPUs per shard task (> 0: the shard runs on cuda)
+
+
+def settings(config: PredictConfig) -> dict:
+    """What predict.parquet records, and what --resume compares."""
+    return {"command": "predict", "version": __version__, **asdict(config)}

@@ -1,0 +1,159 @@
+"""predict as two calls: `prepare_predict` (checks, no Ray, writes nothing) and `run_predict` (the work).
+
+The probe set is cut into shards (one Ray task each) and, independently, into
+jackknife blocks; each shard returns the moments of its pieces of each block,
+the driver merges them. Merging is exact, so the result and its interval do
+not depend on the number of shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from gns_sweep import stats as st
+from gns_sweep.errors import UsageError
+from gns_sweep.per_example import param_layout
+from gns_sweep.predict.config import PredictConfig, settings
+from gns_sweep.predict.reference import ReferenceRun, reference_run
+from gns_sweep.predict.report import LayerFlag, layer_flags, snr_histogram
+from gns_sweep.predict.shards import assign, edges, micro_batches, probe_indices
+from gns_sweep.predict.validate import validate
+from gns_sweep.predict.worker import Checkpoint, measure, probe_shard, scope_rows
+from gns_sweep.progress import ProgressFn, no_progress
+from gns_sweep.results import Headline, ScopeRow, headline
+from gns_sweep.runtime import Cluster, Resources
+from gns_sweep.storage import (
+    PREDICT_SCHEMA,
+    SweepDir,
+    check_output,
+    read_rows,
+    settings_diff,
+    stored_settings,
+    write_table,
+)
+from gns_sweep.tasks import Task, load_task
+from gns_sweep.train import eval_loss, init_model
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """A checked predict run: what prepare_predict resolved, ready for run_predict."""
+
+    task: Task
+    config: PredictConfig  # with the task's defaults filled in
+    out: SweepDir | None  # where predict.parquet goes (None: nowhere)
+    kept: bool = False  # --resume found this run finished on disk: nothing to do
+    note: str | None = None  # what the user should know about the file on disk
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    task: str
+    config: PredictConfig
+    reference: ReferenceRun
+    rows: tuple[ScopeRow, ...]
+    headline: Headline
+    layer_flags: tuple[LayerFlag, ...]
+    noisiest_layer: str | None  # layer with the largest B_simple (or lower bound) at the last checkpoint
+    snr_edges: tuple[float, ...]  # 11 edges of the per-parameter SNR histogram (last checkpoint)
+    snr_counts: tuple[int, ...]  # 10 counts
+    out: SweepDir | None = field(default=None)
+
+
+def prepare_predict(
+    config: PredictConfig,
+    *,
+    task: Task | None = None,
+    out: SweepDir | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> PredictJob:
+    """Check the config, the task and the output folder; no training, no Ray, nothing written.
+
+    With resume, a finished predict.parquet of the same settings is kept, an interrupted or
+    unreadable one is computed again, and one of other settings is refused, naming what differs."""
+    if resume and overwrite:
+        raise UsageError("--resume keeps what is on disk and --overwrite replaces it; pass only one")
+    task = task or load_task(config.task)
+    config = validate(config, task)
+    job = PredictJob(task, config, out)
+    if out is None:
+        return job
+    if resume and out.predict.exists():
+        return _resumed(job)
+    check_output(out.predict, settings(config), overwrite=overwrite)
+    return job
+
+
+def _resumed(job: PredictJob) -> PredictJob:
+    path = job.out.predict
+    try:
+        done = {r["checkpoint"] for r in read_rows(path)}
+    except Exception as exc:  # any damage: the file is only a cache of work that can be redone
+        return PredictJob(job.task, job.config, job.out, note=f"cannot read {path} ({type(exc).__name__})")
+    changed = settings_diff(stored_settings(path), settings(job.config))
+    if changed:
+        raise UsageError(
+            f"{path} holds a different predict run (differs in: {', '.join(changed)}); with --resume repeat "
+            "the first run's options, or pass --overwrite instead of --resume to start again"
+        )
+    if len(done) < job.config.checkpoints:
+        note = f"{path} has {len(done)} of {job.config.checkpoints} checkpoints (interrupted)"
+        return PredictJob(job.task, job.config, job.out, note=note)
+    return PredictJob(job.task, job.config, job.out, kept=True)
+
+
+def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_progress) -> PredictResult:
+    """The reference run, then every checkpoint's probe on the cluster; predict.parquet after each."""
+    task, config = job.task, job.config
+    resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
+    cluster.check_resources(resources)  # fail before any work
+    ref, snapshots = reference_run(
+        task, seed=config.seed, warmup_steps=config.warmup_steps, checkpoints=config.checkpoints, progress=progress
+    )
+    idx = probe_indices(task.n_train, config.probe_size, config.seed)
+    probe_ref = cluster.put((task.train_inputs[idx].contiguous(), task.train_targets[idx].contiguous(), task.loss))
+    n_blocks = min(config.blocks, config.probe_size)
+    units = micro_batches(config.probe_size, edges(config.probe_size, n_blocks), config.max_batch, config.shards)
+    work = assign(units, config.shards)
+    model = init_model(task, config.seed)
+    layout = param_layout(model)
+    if config.layer is not None:
+        layout = layout.restrict(config.layer)
+    rows: list[ScopeRow] = []
+    for c, step in enumerate(ref.checkpoint_steps):
+        model.load_state_dict(snapshots[step])
+        model_ref = cluster.put(model)
+        calls = [
+            dict(model=model_ref, probe=probe_ref, units=units_k, engine=config.engine, param_moments=True)
+            for units_k in work
+        ]
+        stage = f"checkpoint {c + 1}/{len(ref.checkpoint_steps)} (step {step}): shards"
+        results = cluster.run(probe_shard, calls, resources=resources, stage=stage, progress=progress)
+        total, blocks, loss_sum = measure([p for r in results for p in r], n_blocks)
+        where = Checkpoint(task.name, c, step, step * ref.batch_size, eval_loss(model, task), config.engine)
+        rows += scope_rows(where, total, blocks, loss_sum, layout)
+        if job.out is not None:
+            write_rows(job.out, rows, config)
+    return _result(job, ref, rows, st.snr(total))
+
+
+def write_rows(out: SweepDir, rows: list[ScopeRow], config: PredictConfig) -> None:
+    write_table(out.predict, [asdict(r) for r in rows], PREDICT_SCHEMA, settings(config))
+
+
+def _result(job: PredictJob, ref: ReferenceRun, rows: list[ScopeRow], last_snr) -> PredictResult:
+    edges_, counts = snr_histogram(last_snr)
+    flags, noisiest = layer_flags(rows, ref.batch_size)
+    return PredictResult(
+        task=job.task.name,
+        config=job.config,
+        reference=ref,
+        rows=tuple(rows),
+        headline=headline(rows),
+        layer_flags=flags,
+        noisiest_layer=noisiest,
+        snr_edges=edges_,
+        snr_counts=counts,
+        out=job.out,
+    )

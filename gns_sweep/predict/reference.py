@@ -1,0 +1,59 @@
+"""predict's reference run: the small-batch SGD run along which the checkpoints are taken."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import numpy as np
+from torch import nn
+
+from gns_sweep.progress import ProgressEvent, ProgressFn
+from gns_sweep.tasks import Task
+from gns_sweep.train import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """Where the reference run went and where it was measured."""
+
+    batch_size: int  # the task's small batch size
+    lr: float  # the task's learning rate
+    target_loss: float | None  # the task's target eval loss
+    steps_to_target: int | None  # first step at or below the target (None: not reached)
+    end_step: int  # last step measured (target, budget, or warm-up)
+    checkpoint_steps: tuple[int, ...]  # steps at which B_simple was measured
+
+
+def checkpoint_steps(warmup: int, end: int, count: int) -> tuple[int, ...]:
+    """`count` distinct steps from warmup to end (extended when the run is too short)."""
+    end = max(end, warmup + count - 1)
+    if count == 1:
+        return (warmup,)
+    return tuple(int(round(s)) for s in np.linspace(warmup, end, count))
+
+
+def reference_run(
+    task: Task, *, seed: int, warmup_steps: int, checkpoints: int, progress: ProgressFn
+) -> tuple[ReferenceRun, dict[int, dict]]:
+    """Find where the reference run ends, then replay it to snapshot the checkpoints' weights."""
+    tcfg = TrainConfig(task.batch_size, task.lr, task.budget_examples, task.target_loss, seed=seed)
+    steps_to_target, end = None, warmup_steps
+    if checkpoints > 1:
+        progress(ProgressEvent("reference run", 0, 1))
+        first = train(task, tcfg)
+        steps_to_target, end = first.steps_to_target, first.steps
+        progress(ProgressEvent("reference run", 1, 1))
+    steps = checkpoint_steps(warmup_steps, end, checkpoints)
+    wanted = set(steps)
+    snapshots: dict[int, dict] = {}
+
+    def keep(step: int, model: nn.Module) -> None:
+        if step in wanted:
+            snapshots[step] = copy.deepcopy(model.state_dict())
+
+    # Replay with no target so it reaches the last checkpoint even past the target.
+    replay = replace(tcfg, target_loss=None, budget_examples=(steps[-1] + 1) * task.batch_size)
+    train(task, replay, on_step=keep, stop_after=steps[-1])
+    ref = ReferenceRun(task.batch_size, task.lr, task.target_loss, steps_to_target, end, steps)
+    return ref, snapshots

@@ -1,0 +1,123 @@
+"""The columns of every result file (see docs/schemas.md)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PREDICT_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("checkpoint", pa.int64()),  # 0-based index along the reference run
+        ("step", pa.int64()),  # SGD steps of the reference run at this checkpoint
+        ("examples_seen", pa.int64()),  # step * reference batch size
+        ("train_loss", pa.float64()),  # mean loss over the probe examples
+        ("eval_loss", pa.float64()),  # mean loss over the task's eval set
+        ("scope", pa.string()),  # "total" or a layer name as in named_modules()
+        ("n_params", pa.int64()),  # trainable parameters in the scope
+        ("n_examples", pa.int64()),  # probe examples measured
+        ("estimator", pa.string()),  # "per-example"
+        ("engine", pa.string()),  # per-example engine used
+        ("grad_sq_norm", pa.float64()),  # unbiased |G|^2 (may be <= 0: unresolved)
+        ("grad_sq_norm_biased", pa.float64()),  # ||gbar||^2
+        ("trace_sigma", pa.float64()),  # unbiased tr(Sigma)
+        ("b_simple", pa.float64()),  # tr(Sigma)/|G|^2; NaN when unresolved
+        ("b_simple_lo", pa.float64()),  # 95% jackknife interval; NaN if not available
+        ("b_simple_hi", pa.float64()),  # +inf if a leave-one-block-out estimate is unresolved
+        ("b_simple_lower_bound", pa.float64()),  # min(n, tr(Sigma)/||gbar||^2): finite even when unresolved
+        ("resolved", pa.bool_()),  # |G|^2 > 0 at this probe size
+        ("snr_mean", pa.float64()),  # mean per-parameter |gbar_k| / std_k over the scope
+    ]
+)
+
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("trial_id", pa.string()),  # stable: b<batch>-lr<lr>-s<seed>
+        ("batch_size", pa.int64()),
+        ("lr", pa.float64()),
+        ("seed", pa.int64()),
+    ]
+)
+
+TRIALS_SCHEMA = pa.schema(
+    [
+        ("trial_id", pa.string()),  # b<batch>-lr<lr>-s<seed>, the same in every run of this plan
+        ("task", pa.string()),
+        ("batch_size", pa.int64()),  # examples per SGD step
+        ("lr", pa.float64()),  # constant SGD learning rate
+        ("seed", pa.int64()),  # initial weights (shared by all batch sizes) and data order
+        ("status", pa.string()),  # reached, budget or diverged
+        ("steps", pa.int64()),  # SGD steps taken
+        ("steps_to_target", pa.int64()),  # first evaluated step with eval loss <= target; null if never
+        ("examples_to_target", pa.int64()),  # steps_to_target * batch_size; null if never
+        ("target_loss", pa.float64()),
+        ("initial_eval_loss", pa.float64()),
+        ("final_eval_loss", pa.float64()),  # at the last evaluation (inf when diverged)
+        ("best_eval_loss", pa.float64()),  # lowest eval loss seen
+        ("budget_examples", pa.int64()),  # training examples allowed
+        ("wall_seconds", pa.float64()),  # time inside the trial
+        ("cpu_seconds", pa.float64()),  # CPU time of the worker process during the trial
+        ("node_id", pa.string()),  # Ray node that ran it
+        ("device", pa.string()),  # cpu or cuda
+        ("update_ratio_max", pa.float64()),  # largest per-parameter ||lr*grad||/||w|| at the last step
+        ("update_ratios", pa.string()),  # JSON {parameter name: ratio} at the last step
+    ]
+)
+
+# A trial's own file: its row plus its eval curve, so one atomic write holds both.
+TRIAL_FILE_SCHEMA = TRIALS_SCHEMA.append(pa.field("curve_steps", pa.list_(pa.int64()))).append(
+    pa.field("curve_losses", pa.list_(pa.float64()))
+)
+
+CURVES_SCHEMA = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("batch_size", pa.int64()),
+        ("lr", pa.float64()),
+        ("seed", pa.int64()),
+        ("step", pa.int64()),  # SGD steps done when the eval loss was measured
+        ("examples", pa.int64()),  # step * batch_size
+        ("eval_loss", pa.float64()),
+    ]
+)
+
+FRONTIER_SCHEMA = pa.schema(
+    [
+        ("batch_size", pa.int64()),
+        ("best_lr", pa.float64()),  # NaN when no lr reached the target
+        ("lr_edge", pa.string()),  # "low"/"high": best lr is the smallest/largest tried; widen the grid
+        ("steps", pa.float64()),  # median steps-to-target over seeds at best_lr; inf when censored
+        ("examples", pa.float64()),  # steps * batch_size
+        ("seeds_reached", pa.int64()),
+        ("seeds", pa.int64()),
+        ("censored", pa.bool_()),  # not reached by most seeds at any lr: left out of the fit
+        ("fitted_steps", pa.float64()),  # S_min (1 + B_crit/B)
+        ("predicted_steps", pa.float64()),  # S_min (1 + B_simple/B), B_simple near the target
+    ]
+)
+
+COMPARISON_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("target_loss", pa.float64()),  # the sweep's eval-loss target
+        ("b_crit", pa.float64()),  # E_min / S_min from the log-space fit
+        ("b_crit_lo", pa.float64()),  # 95% bootstrap interval over seeds
+        ("b_crit_hi", pa.float64()),
+        ("s_min", pa.float64()),  # fitted steps with an infinite batch
+        ("e_min", pa.float64()),  # fitted examples with a tiny batch
+        ("fit_points", pa.int64()),  # batch sizes in the fit
+        ("fit_rms_log", pa.float64()),  # rms residual of ln S
+        ("b_crit_at_bound", pa.bool_()),  # the curve does not bend inside the grid: B_crit is a bound
+        ("censored_batch_sizes", pa.string()),  # comma list of batch sizes that never reached the target
+        ("lr_edge_batch_sizes", pa.string()),  # comma list of batch sizes whose best lr is on the grid edge
+        ("b_simple_start", pa.float64()),  # at the first checkpoint of predict's reference run
+        ("b_simple_avg", pa.float64()),  # tr and |G|^2 averaged over every checkpoint, then divided
+        ("b_simple_target", pa.float64()),  # the same over the last quarter (near the target): the headline
+        ("ratio", pa.float64()),  # b_simple_target / b_crit
+        ("log10_ratio", pa.float64()),
+        ("ratio_avg", pa.float64()),  # b_simple_avg / b_crit
+        ("ratio_start", pa.float64()),  # b_simple_start / b_crit
+        ("reference_batch_size", pa.int64()),  # batch size of predict's reference run
+        ("reference_eval_loss", pa.float64()),  # eval loss at predict's last checkpoint
+    ]
+)

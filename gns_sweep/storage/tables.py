@@ -1,0 +1,108 @@
+"""Atomic Parquet writes and the settings a file was made with.
+
+Every file carries the settings of the run that made it as JSON in the Parquet
+key-value metadata (key `gns_sweep.settings`), so a result can be traced to its
+command. Writes go to a temporary file in the same folder and are renamed into
+place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gns_sweep.errors import UsageError
+
+SETTINGS_KEY = b"gns_sweep.settings"
+
+
+def _file_mode() -> int:
+    """0666 less the process umask: the mode open() would give a new file."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read it without setting it (other threads may be making files)
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]], schema: pa.Schema, settings: Mapping[str, Any]) -> None:
+    """Write rows atomically with the run's settings in the file metadata."""
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    table = table.replace_schema_metadata({SETTINGS_KEY: json.dumps(settings, sort_keys=True).encode()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; results are as readable as any file the user makes
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_settings(path: Path) -> dict[str, Any] | None:
+    """The settings stored in a file, or None if it has none."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(SETTINGS_KEY)
+    return json.loads(raw) if raw else None
+
+
+def settings_diff(stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between the settings a file was made with and the ones wanted.
+
+    Both sides go through JSON first, so tuples and lists (or ints and floats) that JSON
+    writes alike compare equal. A file without settings differs in every key."""
+    want = json.loads(json.dumps(dict(wanted), sort_keys=True))
+    have = json.loads(json.dumps(dict(stored), sort_keys=True)) if stored is not None else None
+    if have is None:
+        return sorted(want)
+    return sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+
+
+def stored_settings(path: Path) -> dict[str, Any] | None:
+    """Like read_settings, but a damaged or foreign file has none."""
+    try:
+        return read_settings(path)
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+
+
+def check_output(path: Path, settings: Mapping[str, Any], *, overwrite: bool) -> None:
+    """Refuse to replace a file made by a different run unless overwrite is set."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    changed = settings_diff(stored_settings(path), settings)
+    if changed:
+        raise UsageError(
+            f"{path} already holds a different run (differs in: {', '.join(changed)}); choose another --out "
+            "folder or pass --overwrite to replace it"
+        )
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of a Parquet file as a dict."""
+    return pq.read_table(path).to_pylist()
+
+
+def read_result(path: Path, schema: pa.Schema, remedy: str) -> list[dict[str, Any]]:
+    """Rows of a result file that must have `schema`'s columns; a damaged or foreign file is bad input."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"{path} is not a readable Parquet file ({exc}); {remedy}") from None
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise UsageError(f"{path} lacks the column(s) {', '.join(missing)}; {remedy}")
+    return table.select(schema.names).to_pylist()
