@@ -25,7 +25,8 @@ fast engine with param_moments False / True), `torch_func` (the general engine),
 `loop` (one backward per example); the last two with param_moments=False.
 
 What moments cannot avoid: per-parameter second moments need one more matmul
-per Linear, (d^2)^T (x^2) (DESIGN.md), as large as its weight-gradient matmul.
+per Linear, sum_i g_i^2 = (d^2)^T (x^2) (for 2-D input, g_i = d_i x_i^T squares
+entrywise to d_i^2 (x_i^2)^T), as large as its weight-gradient matmul.
 Where every Linear sees 2-D input (`mlp`), those matmuls alone -- on the
 squared tensors of a real step, timed in the same rounds as plain -- are
 reported as moments' "matmul_ms" and "matmul_floor_ratio" = (plain ms +

@@ -1,4 +1,9 @@
-"""keep_freed_memory: the fast engine's tensors are reused instead of page-faulted in on every call."""
+"""keep_freed_memory: the fast engine's tensors are reused instead of page-faulted in on every call.
+
+Marked `machine`: it counts minor page faults of a child process, which depend on glibc's malloc (its
+mmap threshold and trim behaviour), the kernel and the machine's load, not on this code alone; another
+libc, allocator or a busy machine can fail it with nothing wrong. Deselect with -m 'not machine'.
+"""
 
 import os
 import subprocess
@@ -41,6 +46,7 @@ def faults_per_call(mode: str) -> float:
     return float(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip())
 
 
+@pytest.mark.machine
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_reused():
     default, kept = faults_per_call("default"), faults_per_call("kept")

@@ -4,6 +4,8 @@
 one micro-batch (`BatchSums`); `shard_moments` runs it over a set of examples
 in micro-batches of at most `max_batch`, so peak memory is bounded by the
 micro-batch, not the probe size, and folds the sums into float64 Moments.
+`register_rule` gives the fast engine a rule for a layer type of one's own
+(docs/register-rule.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import GeneralEngine
 from gns_sweep.per_example.layout import ROOT, TOTAL, ParamLayout, param_layout
 from gns_sweep.per_example.loop import LoopEngine
+from gns_sweep.per_example.rules import Call, ParamStats, RegisteredRule, Rule, register_rule, stats_of
 from gns_sweep.per_example.sums import BatchSums, SumAccumulator
 
 ENGINES: dict[str, type] = {"fast": FastEngine, "general": GeneralEngine, "loop": LoopEngine}
@@ -29,10 +32,16 @@ __all__ = [
     "TOTAL",
     "BatchMoments",
     "BatchSums",
+    "Call",
     "Engine",
     "ParamLayout",
+    "ParamStats",
+    "RegisteredRule",
+    "Rule",
     "get_engine",
     "param_layout",
+    "register_rule",
+    "stats_of",
     "SumAccumulator",
     "batch_moments",
     "shard_moments",

@@ -394,10 +394,22 @@ def _make_plan(
     A call of a layer with a rule that reaches the loss uses each of the layer's parameters exactly
     once (true of every registered layer's own forward), so counting reaching calls per parameter
     and comparing with the edges into its AccumulateGrad node finds any use outside them."""
-    params, n = static.params, inputs.shape[0]
     edges_into, reached = _walk(root) if root is not None else ({}, set())
+    uses, bad = _rule_uses(static, calls, reached, inputs, model, probes)
+    single, multi, fallback, planned = _route(static, uses, bad, edges_into, param_moments=param_moments)
+    return _Plan(single, multi, fallback, _lowest_edges(planned))
+
+
+def _rule_uses(
+    static: _Static, calls: list[_Use], reached: set, inputs: torch.Tensor, model: nn.Module, probes: Probes | None
+) -> tuple[dict[int, list[tuple[_Use, str]]], set[int]]:
+    """The calls a rule can take, per group (with the local parameter name), and the groups of layers with
+    some call no rule can take: not batch-first, no tensor input, a parameter or buffer as input, an input
+    changed in place after the call, or one the rule does not accept. Calls that do not reach the loss count
+    for neither."""
+    n = inputs.shape[0]
     uses: dict[int, list[tuple[_Use, str]]] = {}
-    bad = set()
+    bad: set[int] = set()
     held = None  # ids of the model's parameters and buffers, read only if a call's input is a leaf
     for use in calls:
         site, x = use.site, use.x
@@ -422,9 +434,24 @@ def _make_plan(
             continue
         for local, g in site.groups.items():
             uses.setdefault(g, []).append((use, local))
+    return uses, bad
+
+
+def _route(
+    static: _Static,
+    uses: dict[int, list[tuple[_Use, str]]],
+    bad: set[int],
+    edges_into: dict[int, int],
+    *,
+    param_moments: bool,
+) -> tuple[dict[int, tuple[_Use, str]], dict[int, list[tuple[_Use, str]]], list[int], list[_Use]]:
+    """Send each group with a gradient to one call's rule (single), to the sum of several calls' materialised
+    gradients (multi) or to the fallback: a rule path needs the rule calls to account for every edge into the
+    parameter. Sets what each planned call's output hook computes; returns the planned calls, each once, in
+    group order."""
     single, multi, fallback = {}, {}, []
     planned: dict[int, _Use] = {}  # id -> call, each call once
-    for g, p in enumerate(params):
+    for g, p in enumerate(static.params):
         count = edges_into.get(id(p), 0)
         if count == 0:
             continue
@@ -440,12 +467,17 @@ def _make_plan(
             for use, _ in found:
                 use.keep_grad = True
                 planned[id(use)] = use
-    # Autograd runs every node between the loss and the edges it is asked for, so a call with another
-    # planned call below it runs anyway, and its output hook fires then. Asking for the lowest edges only
-    # keeps autograd from holding each layer's output gradient until the end of the backward.
-    nodes, memo = {u.edge.node for u in planned.values()}, {}
-    edges = [u.edge for u in planned.values() if not _reaches(u.x_node, nodes, memo)]
-    return _Plan(single, multi, fallback, edges)
+    return single, multi, fallback, list(planned.values())
+
+
+def _lowest_edges(planned: list[_Use]) -> list[GradientEdge]:
+    """The output edges of the planned calls with no other planned call below them.
+
+    Autograd runs every node between the loss and the edges it is asked for, so a call with another
+    planned call below it runs anyway, and its output hook fires then. Asking for the lowest edges only
+    keeps autograd from holding each layer's output gradient until the end of the backward."""
+    nodes, memo = {u.edge.node for u in planned}, {}
+    return [u.edge for u in planned if not _reaches(u.x_node, nodes, memo)]
 
 
 def _first_line(error: Exception) -> str:

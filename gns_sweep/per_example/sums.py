@@ -4,9 +4,10 @@ Engines stop at raw sums in torch, in the model's dtype and on its device: per
 parameter tensor sum_i g_i (what `.grad` of a plain step holds),
 sum_i ||g_i||^2 and, if asked, sum_i g_i^2. These add across micro-batches,
 so a `SumAccumulator` folds any number of them into float64 and turns the
-total into `stats.Moments` once (DESIGN.md: accumulate n, sum g_i and
-sum ||g_i||^2 in float64). Its subtraction M2 = sum ||g_i||^2 - ||sum g_i||^2 / n
-spans one jackknife block; blocks and shards are combined with Chan's merge.
+total into `stats.Moments` once. The sums are kept in float64 because
+M2 = sum ||g_i||^2 - ||sum g_i||^2 / n cancels most digits of its two terms
+when the examples' gradients are nearly alike. An accumulator spans one
+jackknife block; blocks and shards are combined with Chan's merge.
 
 This runs over all P parameters once per block, so it stays in torch (the
 training thread pool; numpy's BLAS threads would spin against it) and works in

@@ -1,0 +1,1 @@
+"""Per-example engines: each fast path beside the slow per-example loop."""
