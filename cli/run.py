@@ -10,10 +10,11 @@ from gns_sweep_cli import options as o
 from gns_sweep_cli import predict as predict_cmd
 from gns_sweep_cli.common import Bars, cluster, err, handle_errors, out, results_dir
 
-from gns_sweep.compare import run_compare
-from gns_sweep.empirical import prepare_empirical, run_empirical
+from gns_sweep.compare import Comparison, run_compare
+from gns_sweep.empirical import EmpiricalResult, prepare_empirical, run_empirical
 from gns_sweep.errors import UsageError
-from gns_sweep.predict import PredictConfig, prepare_predict, run_predict
+from gns_sweep.predict import PredictConfig, PredictResult, prepare_predict, run_predict
+from gns_sweep.storage import SweepDir
 from gns_sweep.tasks import load_task
 
 
@@ -46,6 +47,7 @@ def run(
     as_json: o.AsJson = False,
 ) -> None:
     """predict + empirical + compare on one task: is B_simple a good guess of the measured B_crit?"""
+    values = locals()
     if target_loss is not None:
         # predict's reference run stops at the task's target; a different sweep target would compare
         # B_simple measured at one loss with B_crit at another.
@@ -53,7 +55,6 @@ def run(
             "--target-loss applies to the sweep only; run predict, empirical and compare separately, "
             "or define a task whose target_loss is the one you want"
         )
-    values = locals()
     loaded = load_task(task)
     folder = results_dir(out_dir, "run", loaded.name)
     keep = dict(task=loaded, out=folder, resume=resume, overwrite=overwrite)
@@ -67,6 +68,12 @@ def run(
         predicted = None if pjob.kept else run_predict(pjob, c, progress=bars)
         swept = run_empirical(ejob, c, progress=bars)
     compared = run_compare(folder.path)
+    show(folder, predicted, swept, compared, as_json)
+
+
+def show(
+    folder: SweepDir, predicted: PredictResult | None, swept: EmpiricalResult, compared: Comparison, as_json: bool
+) -> None:
     if as_json:
         doc = {
             "out": str(folder.path),

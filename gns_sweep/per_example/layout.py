@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-TOTAL = "total"  # the scope holding every trainable parameter
+from gns_sweep.results import TOTAL  # the scope holding every trainable parameter
+
 ROOT = "<root>"  # scope name for parameters registered on the model itself
 
 
