@@ -7,6 +7,7 @@ values into a config, so a new setting is one field in a config and one line her
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -41,7 +42,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print a machine-readable J
 ProbeSize = Annotated[
     int | None,
     typer.Option(
-        "--probe-size", help=f"Probe examples drawn from the training set [default: {DEFAULT_PROBE}, or all]."
+        "--probe-size", help=f"Probe examples drawn afresh at each checkpoint (default: {DEFAULT_PROBE}, or all)."
     ),
 ]
 Shards = Annotated[int, typer.Option("--shards", help="Ray tasks per checkpoint (the result does not depend on it).")]
@@ -50,8 +51,10 @@ Layer = Annotated[str | None, typer.Option("--layer", help="Report only this lay
 WarmupSteps = Annotated[
     int, typer.Option("--warmup-steps", help="Reference-run SGD steps before the first checkpoint.")
 ]
-Checkpoints = Annotated[int, typer.Option("--checkpoints", help="Measurements from the warm-up to the target.")]
-Seed = Annotated[int, typer.Option("--seed", help="predict: seeds the weights, the data order and the probe draw.")]
+Checkpoints = Annotated[
+    int, typer.Option("--checkpoints", help="Measurements from the warm-up to the target (every step if fewer).")
+]
+Seed = Annotated[int, typer.Option("--seed", help="predict: seeds the weights, the data order and the probe draws.")]
 Engine = Annotated[str, typer.Option("--engine", help="Per-example gradient engine: fast, general or loop.")]
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Micro-batch size inside a shard (bounds memory).")]
 CpusPerShard = Annotated[float, typer.Option("--cpus-per-shard", help="CPUs per shard task.")]
@@ -78,6 +81,17 @@ TargetLoss = Annotated[
 ]
 CpusPerTrial = Annotated[float, typer.Option("--cpus-per-trial", help="CPUs per trial (torch threads match).")]
 GpusPerTrial = Annotated[float, typer.Option("--gpus-per-trial", help="GPUs per trial (> 0 trains on cuda).")]
+
+
+# --- compare ---------------------------------------------------------------------------------------
+Targets = Annotated[
+    str | None,
+    typer.Option(
+        "--targets",
+        help="Eval-loss targets to judge, comma list (default: 5 from the easiest whose frontier has two ends to "
+        "the sweep's own).",
+    ),
+]
 
 
 def from_options(cls: type[C], values: dict[str, Any]) -> C:
@@ -120,3 +134,15 @@ def parse_lrs(text: str | None) -> tuple[tuple[float, ...] | None, tuple[float, 
     except ValueError:
         raise UsageError(f"--lrs {text!r}: not a comma list of numbers; e.g. 0.05,0.1,0.2 or x0.5,x1,x2") from None
     return (None, values) if all(mult) else (values, None)
+
+
+def parse_targets(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--targets {text!r}: not a comma list of eval losses; e.g. 0.8,0.76,0.74") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--targets {text!r}: give finite eval losses, e.g. 0.8,0.76,0.74")
+    return values

@@ -60,7 +60,7 @@ def summary(r: PredictResult) -> dict:
             "headline": asdict(r.headline),
             "noisiest_layer": r.noisiest_layer,
             "layers": [asdict(f) for f in r.layer_flags],
-            "noise_table": [asdict(n) for n in noise_table(r.headline.b_simple_window)],
+            "noise_table": [asdict(n) for n in noise_table(r.headline.b_simple)],
             "snr_histogram": {"edges": list(r.snr_edges), "counts": list(r.snr_counts)},
             "rows": [asdict(row) for row in r.rows],
         }
@@ -98,23 +98,25 @@ def describe_reference(r: PredictResult) -> str:
         reached = "no target: traced to the end of the budget"
     return (
         f"[bold]{r.task}[/]: reference run at batch {ref.batch_size}, lr {ref.lr:g}; {reached}; "
-        f"checkpoints at steps {', '.join(map(str, ref.checkpoint_steps))}"
+        f"{len(ref.checkpoint_steps)} checkpoints from step {ref.checkpoint_steps[0]} to {ref.checkpoint_steps[-1]}"
     )
 
 
+SHOWN_CHECKPOINTS = 16  # rows of the per-checkpoint table; predict.parquet has them all
+
+
 def render_checkpoints(r: PredictResult) -> None:
-    t = Table(title="B_simple along the reference run (whole model; 95% jackknife interval)")
+    total = [row for row in r.rows if row.scope == TOTAL]
+    every = -(-len(total) // SHOWN_CHECKPOINTS)
+    shown = [row for i, row in enumerate(total) if i % every == 0 or i == len(total) - 1]
+    which = f"every {every} of {len(total)} checkpoints; " if every > 1 else ""
+    t = Table(title=f"B_simple along the reference run (whole model; {which}95% jackknife interval)")
     for col in ("ckpt", "step", "train loss", "eval loss", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR"):
         t.add_column(col, justify="right")
-    for row in r.rows:
-        if row.scope == TOTAL:
-            t.add_row(
-                str(row.checkpoint),
-                str(row.step),
-                fmt(row.train_loss, 4),
-                fmt(row.eval_loss, 4),
-                *estimate_cells(row),
-            )
+    for row in shown:
+        t.add_row(
+            str(row.checkpoint), str(row.step), fmt(row.train_loss, 4), fmt(row.eval_loss, 4), *estimate_cells(row)
+        )
     out.print(t)
 
 
@@ -147,11 +149,11 @@ def render_snr(r: PredictResult) -> None:
 def render_headline(r: PredictResult) -> None:
     h = r.headline
     out.print(
-        f"[bold]B_simple = {fmt(h.b_simple_window)}[/] (averaged over the last checkpoints "
-        f"{', '.join(map(str, h.window_checkpoints))}; over the whole run {fmt(h.b_simple_run)}, "
-        f"at the first checkpoint {fmt(h.b_simple_start)})"
+        f"[bold]B_simple = {fmt(h.b_simple)}[/] [{fmt(h.b_simple_lo)}, {fmt(h.b_simple_hi)}] (tr(Sigma) and |G|^2 "
+        f"averaged over all {h.checkpoints} checkpoints, 95% bootstrap over them; over the last quarter "
+        f"{fmt(h.b_simple_late)}, at the first checkpoint {fmt(h.b_simple_start)})"
     )
-    rows = noise_table(h.b_simple_window)
+    rows = noise_table(h.b_simple)
     if not rows:
         out.print("B_simple is unresolved at this probe size: raise --probe-size, or measure later in training.")
         return

@@ -39,6 +39,7 @@ def run(
     max_batch: o.MaxBatch = o.P.max_batch,
     cpus_per_shard: o.CpusPerShard = o.P.cpus_per_shard,
     gpus_per_shard: o.GpusPerShard = o.P.gpus_per_shard,
+    targets: o.Targets = None,
     out_dir: o.OutDir = None,
     resume: o.Resume = False,
     overwrite: o.Overwrite = False,
@@ -48,6 +49,7 @@ def run(
 ) -> None:
     """predict + empirical + compare on one task: is B_simple a good guess of the measured B_crit?"""
     values = locals()
+    o.parse_targets(targets)  # bad input is refused before any work
     if target_loss is not None:
         # predict's reference run stops at the task's target; a different sweep target would compare
         # B_simple measured at one loss with B_crit at another.
@@ -67,7 +69,7 @@ def run(
     with cluster(address, num_cpus) as c, Bars(enabled=not as_json) as bars:
         predicted = None if pjob.kept else run_predict(pjob, c, progress=bars)
         swept = run_empirical(ejob, c, progress=bars)
-    compared = run_compare(folder.path)
+    compared = run_compare(folder.path, targets=o.parse_targets(targets))
     show(folder, predicted, swept, compared, as_json)
 
 

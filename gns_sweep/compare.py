@@ -1,4 +1,5 @@
-"""`compare`: fit the measured frontier to get B_crit and set it beside predict's B_simple."""
+"""`compare`: fit the measured frontier to get B_crit at a ladder of targets, and set each beside
+predict's B_simple averaged over the reference run up to the same loss."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from gns_sweep import __version__
 from gns_sweep import frontier as fr
+from gns_sweep import ladder as ld
 from gns_sweep.errors import UsageError
-from gns_sweep.plot import FrontierPlot, plot_frontier
-from gns_sweep.results import TOTAL, ScopeRow, headline
+from gns_sweep.plot import FrontierPlot, LadderPlot, plot_frontier, plot_ladder
+from gns_sweep.results import Headline, ScopeRow, headline, total_rows
 from gns_sweep.storage import (
     COMPARISON_SCHEMA,
+    CURVES_SCHEMA,
     FRONTIER_SCHEMA,
     PREDICT_SCHEMA,
     TRIALS_SCHEMA,
@@ -28,33 +29,26 @@ BOOTSTRAP_RESAMPLES = 500
 
 
 @dataclass(frozen=True)
-class Prediction:
-    """B_simple from predict.parquet (scope total)."""
+class AtTarget:
+    """B_crit measured at one target loss, beside B_simple from the reference run up to that loss."""
 
-    start: float  # at the first checkpoint
-    run: float  # tr(Sigma) and |G|^2 averaged over every checkpoint, then divided
-    target: float  # the same over the last quarter of checkpoints (near the target): the headline
-    batch_size: int  # reference run's batch size
-    eval_loss: float  # eval loss at the last checkpoint
-
-
-@dataclass(frozen=True)
-class Comparison:
-    task: str
-    target_loss: float  # the sweep's target
-    budget_examples: int
+    target_loss: float
+    own: bool  # the sweep's own target (the trials stopped there)
     points: tuple[fr.BatchPoint, ...]  # per batch size, at its best lr
     seed_points: tuple[tuple[int, float], ...]  # (batch size, steps) of each seed at the best lr
     frontier: fr.Frontier | None  # None when fewer than 2 batch sizes reached the target
     interval: fr.Interval  # bootstrap over seeds
-    prediction: Prediction
-    statuses: dict[str, int]  # trials per status
+    prediction: Headline  # B_simple averaged from the start of the reference run to this loss
     notes: tuple[str, ...]  # what a reader must know before trusting the numbers
-    out: SweepDir | None = None  # where it was read and written
 
     @property
     def b_crit(self) -> float:
         return self.frontier.b_crit if self.frontier else math.nan
+
+    @property
+    def measured(self) -> bool:
+        """The frontier has two ends: B_crit here is a measurement, not a bound or a guess."""
+        return ld.measurable(self.frontier, self.points)
 
     def ratio(self, b_simple: float) -> float:
         return b_simple / self.b_crit if self.frontier and self.b_crit > 0 else math.nan
@@ -68,8 +62,25 @@ class Comparison:
         return tuple(p.batch_size for p in self.points if p.lr_edge)
 
 
-def read_inputs(out: SweepDir) -> tuple[list[dict], list[dict]]:
-    """predict rows and trial rows; a missing piece names the command that makes it."""
+@dataclass(frozen=True)
+class Comparison:
+    task: str
+    budget_examples: int
+    statuses: dict[str, int]  # trials per status
+    targets: tuple[AtTarget, ...]  # easiest (highest loss) first; the sweep's own is among them
+    ladder: ld.Ladder  # how the targets were chosen
+    reference_batch_size: int  # predict's reference run
+    reference_eval_loss: float  # eval loss at predict's last checkpoint
+    out: SweepDir | None = None  # where it was read and written
+
+    @property
+    def main(self) -> AtTarget:
+        """The sweep's own target (else the hardest judged)."""
+        return next((t for t in self.targets if t.own), self.targets[-1])
+
+
+def read_inputs(out: SweepDir) -> tuple[list[dict], list[dict], list[dict]]:
+    """predict rows, trial rows and curve points; a missing piece names the command that makes it."""
     d = out.path
     if not d.is_dir():
         raise UsageError(f"{d} is not a folder; give the --out folder of `gns-sweep run` (or of predict and empirical)")
@@ -86,31 +97,67 @@ def read_inputs(out: SweepDir) -> tuple[list[dict], list[dict]]:
     )
     if not trial_rows:
         raise UsageError(f"{out.trials} holds no trials; run `gns-sweep empirical --resume --out {d}`")
+    if not out.curves.exists():
+        raise UsageError(f"{d} has no {out.curves.name}; run `gns-sweep empirical --task TASK --resume --out {d}`")
+    curve_rows = read_result(out.curves, CURVES_SCHEMA, f"run `gns-sweep empirical --task TASK --resume --out {d}`")
     tasks = {r["task"] for r in predict_rows} | {r["task"] for r in trial_rows}
     if len(tasks) > 1:
         raise UsageError(
             f"{d} mixes tasks {sorted(tasks)} between {out.predict.name} and {out.trials.name}; "
             "rerun predict or empirical for one task"
         )
-    return predict_rows, trial_rows
+    return predict_rows, trial_rows, curve_rows
 
 
-def prediction(predict_rows: Sequence[dict]) -> Prediction:
+def compare(
+    trial_rows: Sequence[dict],
+    curve_rows: Sequence[dict],
+    predict_rows: Sequence[dict],
+    *,
+    targets: Sequence[float] | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> Comparison:
+    """Pure part of compare: the ladder of targets, and at each the fit, its bootstrap and B_simple."""
     rows = [ScopeRow(**r) for r in predict_rows]
-    h = headline(rows)
-    total = sorted((r for r in rows if r.scope == TOTAL), key=lambda r: r.checkpoint)
-    batch = total[-1].examples_seen // max(total[-1].step, 1) if total[-1].step else 0
-    return Prediction(h.b_simple_start, h.b_simple_run, h.b_simple_window, int(batch), total[-1].eval_loss)
+    total = total_rows(rows)
+    trials = ld.trials_from_rows(trial_rows, curve_rows)
+    own = float(trial_rows[0]["target_loss"])
+    ladder = ld.default_ladder(trials, own) if targets is None else _chosen(targets, own)
+    judged = sorted(set(ladder.targets) | {own}, reverse=True)  # the sweep's own target is always judged
+    statuses: dict[str, int] = {}
+    for r in trial_rows:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    last = total[-1]
+    return Comparison(
+        task=trial_rows[0]["task"],
+        budget_examples=int(trial_rows[0]["budget_examples"]),
+        statuses=statuses,
+        targets=tuple(
+            at_target(trials, t, headline(rows, until_loss=t), own=t == own, resamples=resamples) for t in judged
+        ),
+        ladder=ladder,
+        reference_batch_size=int(last.examples_seen // last.step) if last.step else 0,
+        reference_eval_loss=last.eval_loss,
+    )
 
 
-def compare_trials(trial_rows: Sequence[dict], pred: Prediction, *, resamples: int = BOOTSTRAP_RESAMPLES) -> Comparison:
-    """Pure part of compare: best lr per batch size, the fit, the bootstrap, the notes."""
-    rows = list(trial_rows)
-    bs = np.array([r["batch_size"] for r in rows])
-    lrs = np.array([r["lr"] for r in rows], dtype=float)
-    seeds = np.array([r["seed"] for r in rows])
-    steps = np.array([math.nan if r["steps_to_target"] is None else r["steps_to_target"] for r in rows], dtype=float)
-    points = fr.batch_points(bs, lrs, seeds, steps)
+def _chosen(targets: Sequence[float], own: float) -> ld.Ladder:
+    harder = [t for t in targets if t < own]
+    if harder:
+        raise UsageError(
+            f"--targets {harder[0]:g} is below the sweep's target {own:g}, where its trials stopped; choose targets "
+            f">= {own:g}, or run the sweep again with --target-loss {min(harder):g}"
+        )
+    return ld.Ladder(tuple(sorted(set(targets), reverse=True)), "chosen with --targets")
+
+
+def at_target(
+    trials: ld.Trials, target: float, prediction: Headline, *, own: bool, resamples: int = BOOTSTRAP_RESAMPLES
+) -> AtTarget:
+    """Best lr per batch size at this target, the fit, the bootstrap over seeds, the notes."""
+    steps = trials.steps_to(target)
+    bs, lrs, seeds = trials.batch_size, trials.lr, trials.seed
+    points, fit = ld.fit_at(trials, target)
     seed_points = tuple(
         (p.batch_size, float(s))
         for p in points
@@ -119,29 +166,23 @@ def compare_trials(trial_rows: Sequence[dict], pred: Prediction, *, resamples: i
         if math.isfinite(s)
     )
     notes = []
-    try:
-        fit = fr.fit_points(points)
-    except fr.FitError as exc:
-        fit = None
-        notes.append(f"{exc}: lower the target or raise --budget-examples")
+    if fit is None:
+        notes.append("fewer than 2 batch sizes reached the target: lower the target or raise --budget-examples")
     interval = (
         fr.bootstrap_b_crit(bs, lrs, seeds, steps, resamples=resamples)
         if fit
         else fr.Interval(math.nan, math.nan, 0, 0)
     )
-    statuses: dict[str, int] = {}
-    for r in rows:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return Comparison(
-        task=rows[0]["task"],
-        target_loss=float(rows[0]["target_loss"]),
-        budget_examples=int(rows[0]["budget_examples"]),
+    if not prediction.reached:
+        notes.append("predict's reference run never reached this loss: B_simple is averaged over all of it")
+    return AtTarget(
+        target_loss=float(target),
+        own=own,
         points=points,
         seed_points=seed_points,
         frontier=fit,
         interval=interval,
-        prediction=pred,
-        statuses=statuses,
+        prediction=prediction,
         notes=tuple(notes + _notes(points, fit, n_seeds=len(set(seeds.tolist())))),
     )
 
@@ -157,8 +198,11 @@ def _notes(points: Sequence[fr.BatchPoint], fit: fr.Frontier | None, *, n_seeds:
         notes.append(f"best lr on the edge of the grid at batch sizes {', '.join(edges)}: widen --lrs there")
     if fit and fit.at_bound:
         notes.append("the measured steps do not bend inside the batch-size grid: B_crit is only a bound")
-    if fit and fit.s_min < 10:
-        notes.append(f"S_min = {fit.s_min:.3g} steps: the target is nearly trivial at large batch; tighten it")
+    if fit and fit.s_min < ld.MEASURABLE_S_MIN:
+        notes.append(
+            f"S_min = {fit.s_min:.3g} steps: the largest batches need almost no steps, so this is not a measurement "
+            "of B_crit; judge a harder target"
+        )
     if n_seeds < 2:
         notes.append("one seed only: no bootstrap interval")
     return notes
@@ -172,45 +216,62 @@ def settings(out_dir: Path) -> dict:
     return {"command": "compare", "version": __version__, "dir": str(out_dir)}
 
 
-def comparison_row(c: Comparison) -> dict:
-    f, p = c.frontier, c.prediction
+def comparison_rows(c: Comparison) -> list[dict]:
+    """comparison.parquet: one row per target judged."""
+    return [_comparison_row(c, t) for t in c.targets]
+
+
+def _comparison_row(c: Comparison, t: AtTarget) -> dict:
+    f, h = t.frontier, t.prediction
     nan = math.nan
-    ratio = c.ratio(p.target)
+    ratio = t.ratio(h.b_simple)
     return {
         "task": c.task,
-        "target_loss": c.target_loss,
-        "b_crit": c.b_crit,
-        "b_crit_lo": c.interval.lo,
-        "b_crit_hi": c.interval.hi,
+        "target_loss": t.target_loss,
+        "sweep_target": t.own,
+        "b_crit": t.b_crit,
+        "b_crit_lo": t.interval.lo,
+        "b_crit_hi": t.interval.hi,
+        "b_crit_measured": t.measured,
         "s_min": f.s_min if f else nan,
         "e_min": f.e_min if f else nan,
         "fit_points": f.n_points if f else 0,
         "fit_rms_log": f.rms_log if f else nan,
         "b_crit_at_bound": bool(f.at_bound) if f else False,
-        "censored_batch_sizes": _join(c.censored),
-        "lr_edge_batch_sizes": _join(c.lr_edges),
-        "b_simple_start": p.start,
-        "b_simple_avg": p.run,
-        "b_simple_target": p.target,
+        "censored_batch_sizes": _join(t.censored),
+        "lr_edge_batch_sizes": _join(t.lr_edges),
+        "b_simple": h.b_simple,
+        "b_simple_lo": h.b_simple_lo,
+        "b_simple_hi": h.b_simple_hi,
+        "b_simple_late": h.b_simple_late,
+        "b_simple_start": h.b_simple_start,
+        "b_simple_checkpoints": h.checkpoints,
+        "reference_reached": h.reached,
         "ratio": ratio,
         "log10_ratio": math.log10(ratio) if ratio > 0 else nan,
-        "ratio_avg": c.ratio(p.run),
-        "ratio_start": c.ratio(p.start),
-        "reference_batch_size": p.batch_size,
-        "reference_eval_loss": p.eval_loss,
+        "ratio_late": t.ratio(h.b_simple_late),
+        "ratio_start": t.ratio(h.b_simple_start),
+        "reference_batch_size": c.reference_batch_size,
+        "reference_eval_loss": c.reference_eval_loss,
     }
 
 
 def frontier_rows(c: Comparison) -> list[dict]:
+    """frontier.parquet: one row per (target, batch size)."""
+    return [row for t in c.targets for row in target_frontier_rows(t)]
+
+
+def target_frontier_rows(t: AtTarget) -> list[dict]:
     out = []
-    for pt in c.points:
+    for pt in t.points:
         fitted = predicted = math.nan
-        if c.frontier:
-            fitted = float(fr.frontier_steps(c.frontier.s_min, c.frontier.b_crit, pt.batch_size))
-            if c.prediction.target > 0:
-                predicted = float(fr.frontier_steps(c.frontier.s_min, c.prediction.target, pt.batch_size))
+        if t.frontier:
+            fitted = float(fr.frontier_steps(t.frontier.s_min, t.frontier.b_crit, pt.batch_size))
+            if t.prediction.b_simple > 0:
+                predicted = float(fr.frontier_steps(t.frontier.s_min, t.prediction.b_simple, pt.batch_size))
         out.append(
             {
+                "target_loss": t.target_loss,
                 "batch_size": pt.batch_size,
                 "best_lr": pt.best_lr,
                 "lr_edge": pt.lr_edge,
@@ -226,31 +287,50 @@ def frontier_rows(c: Comparison) -> list[dict]:
     return out
 
 
-def plot_data(c: Comparison) -> FrontierPlot:
-    """What comparison.png shows, as plain numbers."""
-    f = c.frontier
+def frontier_plot(c: Comparison) -> FrontierPlot:
+    """What comparison.png shows (the sweep's own target), as plain numbers."""
+    t = c.main
+    f = t.frontier
     return FrontierPlot(
-        title=f"{c.task}: eval loss {c.target_loss:g}, best lr per batch size",
-        measured=tuple((p.batch_size, p.examples, p.steps) for p in c.points if not p.censored),
-        seed_points=c.seed_points,
-        censored=c.censored,
+        title=f"{c.task}: eval loss {t.target_loss:g}, best lr per batch size",
+        measured=tuple((p.batch_size, p.examples, p.steps) for p in t.points if not p.censored),
+        seed_points=t.seed_points,
+        censored=t.censored,
         budget_examples=c.budget_examples,
         s_min=f.s_min if f else math.nan,
         b_crit=f.b_crit if f else math.nan,
-        b_crit_interval=(c.interval.lo, c.interval.hi),
-        b_simple=c.prediction.target,
+        b_crit_interval=(t.interval.lo, t.interval.hi),
+        b_simple=t.prediction.b_simple,
     )
 
 
-def run_compare(out_dir: Path, *, plot: bool = True, resamples: int = BOOTSTRAP_RESAMPLES) -> Comparison:
-    """Read DIR, compare, write comparison.parquet, frontier.parquet and comparison.png."""
+def ladder_plot(c: Comparison) -> LadderPlot:
+    """What targets.png shows: B_crit and B_simple against the target loss."""
+    return LadderPlot(
+        title=f"{c.task}: critical batch size by target",
+        targets=tuple(t.target_loss for t in c.targets),
+        b_crit=tuple((t.b_crit, t.interval.lo, t.interval.hi) for t in c.targets),
+        measured=tuple(t.measured for t in c.targets),
+        b_simple=tuple((t.prediction.b_simple, t.prediction.b_simple_lo, t.prediction.b_simple_hi) for t in c.targets),
+    )
+
+
+def run_compare(
+    out_dir: Path,
+    *,
+    targets: Sequence[float] | None = None,
+    plot: bool = True,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> Comparison:
+    """Read DIR, compare at each target, write comparison.parquet, frontier.parquet, comparison.png, targets.png."""
     out = SweepDir(out_dir)
-    predict_rows, trial_rows = read_inputs(out)
-    c = compare_trials(trial_rows, prediction(predict_rows), resamples=resamples)
+    predict_rows, trial_rows, curve_rows = read_inputs(out)
+    c = compare(trial_rows, curve_rows, predict_rows, targets=targets, resamples=resamples)
     c = replace(c, out=out)
-    sets = settings(out.path)
-    write_table(out.comparison, [comparison_row(c)], COMPARISON_SCHEMA, sets)
+    sets = {**settings(out.path), "targets": list(targets) if targets is not None else None}
+    write_table(out.comparison, comparison_rows(c), COMPARISON_SCHEMA, sets)
     write_table(out.frontier, frontier_rows(c), FRONTIER_SCHEMA, sets)
     if plot:
-        plot_frontier(plot_data(c), out.plot)
+        plot_frontier(frontier_plot(c), out.plot)
+        plot_ladder(ladder_plot(c), out.ladder_plot)
     return c

@@ -1,6 +1,7 @@
-"""comparison.png: measured steps vs examples, the fitted frontier, the predicted curve.
+"""comparison.png (measured steps vs examples, the fitted frontier, the predicted curve) and
+targets.png (B_crit and B_simple against the target loss).
 
-Takes plain numbers (a FrontierPlot), so it knows nothing of how they were computed.
+Takes plain numbers, so it knows nothing of how they were computed.
 """
 
 from __future__ import annotations
@@ -27,13 +28,66 @@ class FrontierPlot:
     b_simple: float  # the prediction (NaN or <= 0: not drawn)
 
 
-def plot_frontier(data: FrontierPlot, path: Path) -> None:
-    """Draw the plot and write it atomically to path."""
+@dataclass(frozen=True)
+class LadderPlot:
+    """Everything targets.png shows, one entry per target."""
+
+    title: str
+    targets: tuple[float, ...]  # eval-loss targets
+    b_crit: tuple[tuple[float, float, float], ...]  # (value, lo, hi); NaN where there is none
+    measured: tuple[bool, ...]  # the frontier has two ends (else drawn hollow)
+    b_simple: tuple[tuple[float, float, float], ...]  # (value, lo, hi)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    _pyplot().close(fig)
+    tmp.replace(path)
+
+
+def plot_ladder(data: LadderPlot, path: Path) -> None:
+    """B_crit (with its bootstrap over seeds) and B_simple (with its bootstrap over checkpoints)
+    against the target loss, log scale; write it atomically to path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.8), dpi=110)
+    x = np.asarray(data.targets, dtype=float)
+    for series, color, marker, label in (
+        (data.b_crit, "C0", "D", "B_crit measured (95% bootstrap over seeds)"),
+        (data.b_simple, "C1", "*", "B_simple predicted (95% bootstrap over checkpoints)"),
+    ):
+        v, lo, hi = (np.asarray(col, dtype=float) for col in zip(*series, strict=True))
+        ok = np.isfinite(v) & (v > 0)
+        err = np.array([np.where(np.isfinite(lo), v - lo, 0), np.where(np.isfinite(hi), hi - v, 0)])
+        ax.errorbar(x[ok], v[ok], yerr=err[:, ok], color=color, marker=marker, ms=7, capsize=3, lw=1.2, label=label)
+    hollow = [i for i, m in enumerate(data.measured) if not m and np.isfinite(data.b_crit[i][0])]
+    if hollow:
+        ax.scatter(x[hollow], [data.b_crit[i][0] for i in hollow], s=110, facecolors="w", edgecolors="C3", zorder=5,
+                   label="not a measurement (S_min < 5 or no bend in the grid)")  # fmt: skip
+    ax.set_yscale("log")
+    ax.invert_xaxis()  # harder targets (lower loss) to the right, as training goes
+    ax.set_xlabel("target eval loss")
+    ax.set_ylabel("batch size")
+    ax.set_title(data.title, fontsize=11)
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_frontier(data: FrontierPlot, path: Path) -> None:
+    """Draw the plot and write it atomically to path."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=110)
     sizes = [b for b, _, _ in data.measured] + list(data.censored)
     dense = np.geomspace(min(sizes) / 4, max(sizes) * 4, 200)  # batch sizes for the curves
@@ -51,11 +105,7 @@ def plot_frontier(data: FrontierPlot, path: Path) -> None:
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
 
 
 def _measured(ax, data: FrontierPlot) -> None:

@@ -24,6 +24,7 @@ class ScopeRow:
     examples_seen: int
     train_loss: float
     eval_loss: float
+    n_checkpoints: int
     scope: str
     n_params: int
     n_examples: int
@@ -42,12 +43,15 @@ class ScopeRow:
 
 @dataclass(frozen=True)
 class Headline:
-    """The prediction a user acts on, for the total scope."""
+    """The prediction a user acts on, for the whole model, from the start of the reference run to a loss."""
 
-    b_simple_window: float  # tr and |G|^2 averaged over the last quarter of checkpoints, then divided
-    b_simple_run: float  # the same over every checkpoint
+    b_simple: float  # mean tr(Sigma) / mean |G|^2 over the checkpoints: the headline
+    b_simple_lo: float  # 95% bootstrap over checkpoints (each has its own probe: covers probe and path noise)
+    b_simple_hi: float
+    b_simple_late: float  # the same ratio over the last quarter of those checkpoints
     b_simple_start: float  # at the first checkpoint
-    window_checkpoints: tuple[int, ...]  # checkpoints in the window
+    checkpoints: int  # checkpoints averaged
+    reached: bool  # the reference run reached the loss (else: every checkpoint, and the value is for less)
 
 
 def total_rows(rows: Sequence[ScopeRow]) -> list[ScopeRow]:
@@ -55,16 +59,28 @@ def total_rows(rows: Sequence[ScopeRow]) -> list[ScopeRow]:
     return sorted((r for r in rows if r.scope == TOTAL), key=lambda r: r.checkpoint)
 
 
-def headline(rows: Sequence[ScopeRow]) -> Headline:
-    """Near the target: tr(Sigma) and |G|^2 averaged separately over the last quarter of the checkpoints.
+def headline(rows: Sequence[ScopeRow], *, until_loss: float | None = None) -> Headline:
+    """B_simple averaged over the reference run, numerator and denominator separately, then divided.
 
-    Averaging before dividing keeps one checkpoint whose |G|^2 is near zero from dominating."""
+    Every checkpoint from the start counts, up to the first whose eval loss is at or below
+    `until_loss` (all of them without one). The ratio of means is dominated by no single
+    checkpoint whose |G|^2 happens to be near zero, and tracks B_crit, which is itself an average
+    of the noise scale along the path from the initial weights to the target (docs/method.md)."""
     total = total_rows(rows)
-    k = max(1, math.ceil(len(total) / 4))
-    window = total[-k:]
+    reached = until_loss is None
+    if until_loss is not None:
+        hit = next((i for i, r in enumerate(total) if r.eval_loss <= until_loss), None)
+        reached = hit is not None
+        total = total if hit is None else total[: hit + 1]
+    g2, tr = [r.grad_sq_norm for r in total], [r.trace_sigma for r in total]
+    late = total[-max(1, math.ceil(len(total) / 4)) :]
+    lo, hi = st.bootstrap_ratio_of_means(tr, g2)
     return Headline(
-        b_simple_window=st.windowed_b_simple([r.grad_sq_norm for r in window], [r.trace_sigma for r in window]),
-        b_simple_run=st.windowed_b_simple([r.grad_sq_norm for r in total], [r.trace_sigma for r in total]),
+        b_simple=st.windowed_b_simple(g2, tr),
+        b_simple_lo=lo,
+        b_simple_hi=hi,
+        b_simple_late=st.windowed_b_simple([r.grad_sq_norm for r in late], [r.trace_sigma for r in late]),
         b_simple_start=total[0].b_simple,
-        window_checkpoints=tuple(r.checkpoint for r in window),
+        checkpoints=len(total),
+        reached=reached,
     )

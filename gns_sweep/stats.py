@@ -203,3 +203,21 @@ def windowed_b_simple(grad_sq_norms: Sequence[float], traces: Sequence[float]) -
     g2 = float(np.mean(grad_sq_norms))
     tr = float(np.mean(traces))
     return tr / g2 if g2 > 0 else math.nan
+
+
+def bootstrap_ratio_of_means(
+    numerators: Sequence[float], denominators: Sequence[float], *, resamples: int = 1000, rng_seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of mean(num)/mean(den), resampling the (num, den) pairs with replacement.
+
+    A resample whose mean denominator is <= 0 has no finite ratio and counts as +inf. (NaN, NaN)
+    with fewer than 2 pairs."""
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if num.size < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(rng_seed)
+    idx = rng.integers(0, num.size, size=(resamples, num.size))  # (R, K)
+    mean_num, mean_den = num[idx].mean(axis=1), den[idx].mean(axis=1)
+    ratios = np.where(mean_den > 0, mean_num / np.where(mean_den > 0, mean_den, 1.0), np.inf)
+    lo, hi = np.percentile(ratios, [2.5, 97.5], method="inverted_cdf")  # resampled values, inf included
+    return float(lo), float(hi)

@@ -10,7 +10,9 @@ import pytest
 from gns_sweep_cli.main import app
 from typer.testing import CliRunner
 
-from gns_sweep.compare import Prediction, compare_trials
+from gns_sweep import ladder as ld
+from gns_sweep.compare import at_target
+from gns_sweep.results import Headline
 
 runner = CliRunner()
 
@@ -52,13 +54,20 @@ def test_tiny_sweep_writes_every_file(swept):
     assert set(trials.status) <= {"reached", "budget", "diverged"}
     assert (trials.device == "cpu").all()
     comp = pd.read_parquet(swept / "comparison.parquet")
-    row = comp.iloc[0]
-    for col in ("task", "target_loss", "b_crit", "b_crit_lo", "b_crit_hi", "s_min", "e_min", "b_simple_avg", "ratio"):
-        assert col in comp.columns
+    assert comp.sweep_target.sum() == 1 and comp.target_loss.is_monotonic_decreasing  # easiest first
+    row = comp[comp.sweep_target].iloc[0]
     assert row.task == "blobs-noisy" and row.b_crit > 0 and row.s_min > 0
-    assert row.ratio == pytest.approx(row.b_simple_target / row.b_crit)
+    assert row.target_loss == trials.target_loss.iloc[0]
+    assert (comp.ratio == comp.b_simple / comp.b_crit).all()
+    assert (comp.b_simple_lo <= comp.b_simple).all() and (comp.b_simple <= comp.b_simple_hi).all()
     frontier = pd.read_parquet(swept / "frontier.parquet")
-    assert list(frontier.batch_size) == [64, 256, 1024]
+    at_own = frontier[frontier.target_loss == row.target_loss]
+    assert list(at_own.batch_size) == [64, 256, 1024]
+    # at the sweep's own target the steps read off the curves are the trials' own steps_to_target
+    best = trials[trials.steps_to_target.notna()].groupby(["batch_size", "lr"]).steps_to_target.median()
+    for b, steps in zip(at_own.batch_size, at_own.steps, strict=True):
+        assert steps == best[b].min()
+    assert (swept / "targets.png").stat().st_size > 10_000
 
 
 def test_compare_json(swept):
@@ -67,8 +76,22 @@ def test_compare_json(swept):
     result = invoke("compare", str(swept), "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert doc["comparison"]["task"] == "blobs-noisy"
-    assert len(doc["batch_sizes"]) == 3
+    own = [t for t in doc["targets"] if t["comparison"]["sweep_target"]]
+    assert len(own) == 1 and own[0]["comparison"]["task"] == "blobs-noisy"
+    assert len(own[0]["batch_sizes"]) == 3
+
+
+def test_targets_harder_than_the_sweep_are_refused(swept):
+    target = pd.read_parquet(swept / "trials.parquet").target_loss.iloc[0]
+    before = (swept / "comparison.parquet").read_bytes() if (swept / "comparison.parquet").exists() else None
+    result = invoke("compare", str(swept), "--targets", f"{target + 0.05},{target - 0.01}")
+    assert result.exit_code == 2 and "below the sweep's target" in result.output, result.output
+    after = (swept / "comparison.parquet").read_bytes() if (swept / "comparison.parquet").exists() else None
+    assert before == after  # nothing written
+    chosen = invoke("compare", str(swept), "--targets", f"{target + 0.05}")
+    assert chosen.exit_code == 0, chosen.output
+    comp = pd.read_parquet(swept / "comparison.parquet")
+    assert sorted(comp.target_loss) == pytest.approx(sorted([target, target + 0.05]))
 
 
 def test_compare_input_errors(tmp_path, swept):
@@ -110,20 +133,70 @@ def _umask() -> int:
     return mask
 
 
+def sweep_rows(steps_of):
+    """trials.parquet and curves.parquet rows of a synthetic sweep whose loss is 1 - step/1000 until the step
+    steps_of(b, lr, seed) returns (None: never reaches 0.5, the sweep's target)."""
+    trials, curves = [], []
+    for b in (8, 32, 128, 512):
+        for seed in (0, 1):
+            s = steps_of(b, 0.1, seed)
+            tid = f"b{b}-s{seed}"
+            trials.append(
+                {
+                    "trial_id": tid, "task": "t", "batch_size": b, "lr": 0.1, "seed": seed, "status": "reached" if s
+                    else "budget", "steps_to_target": s, "target_loss": 0.5, "budget_examples": 10_000,
+                    "initial_eval_loss": 1.0,
+                }
+            )  # fmt: skip
+            last = s if s else 10_000 // b
+            for step in range(last + 1):
+                loss = 1.0 - 0.5 * step / s if s else 1.0 - 0.4 * step / last  # reaches 0.5 at step s exactly
+                curves.append({"trial_id": tid, "step": step, "eval_loss": loss})
+    return trials, curves
+
+
+HEADLINE = Headline(40.0, 30.0, 50.0, 60.0, 10.0, 8, True)
+
+
 def test_censored_and_unfittable_sweeps():
-    pred = Prediction(start=10.0, run=20.0, target=40.0, batch_size=8, eval_loss=0.7)
-
-    def row(b, lr, seed, steps):
-        return {
-            "task": "t", "batch_size": b, "lr": lr, "seed": seed, "steps_to_target": steps,
-            "status": "reached" if steps else "budget", "target_loss": 0.5, "budget_examples": 10_000,
-        }  # fmt: skip
-
-    rows = [row(b, 0.1, s, 30 + 2000 // b) for b in (8, 32, 128) for s in (0, 1)]
-    rows += [row(512, 0.1, s, None) for s in (0, 1)]
-    c = compare_trials(rows, pred, resamples=50)
-    assert c.censored == (512,)
-    assert any("censored" in note for note in c.notes)
-    assert c.b_crit == pytest.approx(2000 / 30, rel=0.05)
-    only_one = compare_trials([row(8, 0.1, 0, 40), row(512, 0.1, 0, None)], pred, resamples=10)
+    trials, curves = sweep_rows(lambda b, lr, seed: None if b == 512 else 30 + 2000 // b)
+    t = at_target(ld.trials_from_rows(trials, curves), 0.5, HEADLINE, own=True, resamples=50)
+    assert t.censored == (512,)
+    assert any("censored" in note for note in t.notes)
+    assert t.b_crit == pytest.approx(2000 / 30, rel=0.05)
+    assert t.ratio(40.0) == pytest.approx(40.0 / t.b_crit)
+    one = [r for r in trials if r["batch_size"] in (8, 512) and r["seed"] == 0]
+    only_one = at_target(ld.trials_from_rows(one, curves), 0.5, HEADLINE, own=True, resamples=10)
     assert only_one.frontier is None and math.isnan(only_one.b_crit)
+
+
+def test_the_ladder_recovers_a_known_frontier_at_every_target():
+    """Loss 1 - s/(tau (1 + Bc/B)) reaches T at s = tau (1 - T)(1 + Bc/B): B_crit = Bc at every target,
+    S_min = tau (1 - T)."""
+    tau, bc = 400.0, 50.0
+    rows, curves = [], []
+    for b in (4, 16, 64, 256, 1024):
+        for seed in (0, 1, 2):
+            tid = f"b{b}-s{seed}"
+            rate = 1.0 / (tau * (1 + bc / b))
+            end = math.ceil(0.5 / rate)
+            rows.append(
+                {
+                    "trial_id": tid, "task": "t", "batch_size": b, "lr": 0.1, "seed": seed, "status": "reached",
+                    "steps_to_target": end, "target_loss": 0.5, "budget_examples": 10**7, "initial_eval_loss": 1.0,
+                }
+            )  # fmt: skip
+            curves += [{"trial_id": tid, "step": s, "eval_loss": 1.0 - s * rate} for s in range(end + 1)]
+    trials = ld.trials_from_rows(rows, curves)
+    ladder = ld.default_ladder(trials, 0.5)
+    assert len(ladder.targets) == ld.LADDER_SIZE and ladder.targets[-1] == pytest.approx(0.5, abs=0.02)
+    assert list(ladder.targets) == sorted(ladder.targets, reverse=True)
+    for target in ladder.targets:
+        points, fit = ld.fit_at(trials, target)
+        s_min = tau * (1 - target)
+        rounding = 1 / s_min  # steps to a target are whole numbers
+        assert fit.b_crit == pytest.approx(bc, rel=0.05 + rounding), target
+        assert fit.s_min == pytest.approx(s_min, rel=0.02 + rounding), target
+        assert fit.s_min >= ld.EASY_END_S_MIN * 0.9  # the easy end has two ends
+    spacing = (1.0 - 0.5) / ld.CANDIDATES
+    assert ladder.targets[0] >= 1 - ld.EASY_END_S_MIN / tau - 2 * spacing  # the easiest such target

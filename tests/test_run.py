@@ -22,7 +22,7 @@ def test_run_writes_everything_and_resumes(ray_address, tmp_path):
     assert result.exit_code == 0, result.output
     for name in ("predict.parquet", "trials.parquet", "curves.parquet", "comparison.parquet", "comparison.png"):
         assert (out / name).exists(), name
-    assert "B_simple/B_crit" in result.output
+    assert "critical batch size by target" in result.output and "targets.png" in result.output
     first = pd.read_parquet(out / "trials.parquet")
     assert len(first) == 4
 

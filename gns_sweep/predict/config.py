@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from gns_sweep import __version__
 from gns_sweep.per_example import DEFAULT_ENGINE
 
-DEFAULT_PROBE = 4096  # probe examples when the task has that many
+DEFAULT_PROBE = 512  # probe examples per checkpoint when the task has that many
 ESTIMATOR = "per-example"
 
 
@@ -16,12 +16,12 @@ class PredictConfig:
     """Settings of one predict run (all recorded in predict.parquet)."""
 
     task: str  # built-in name or package.module:attr
-    probe_size: int | None = None  # probe examples from the training set (None: min(DEFAULT_PROBE, all))
-    shards: int = 4  # Ray tasks per checkpoint (the result does not depend on it)
-    blocks: int = 16  # jackknife blocks of the probe set (capped at probe_size)
+    probe_size: int | None = None  # examples drawn afresh at each checkpoint (None: min(DEFAULT_PROBE, all))
+    shards: int = 1  # Ray tasks per checkpoint (the result does not depend on it); checkpoints run in parallel
+    blocks: int = 16  # jackknife blocks of each checkpoint's probe (capped at probe_size)
     layer: str | None = None  # report only this layer (and the total)
-    warmup_steps: int = 20  # reference-run steps before the first checkpoint
-    checkpoints: int = 8  # measurements along the reference run
+    warmup_steps: int = 0  # reference-run steps before the first checkpoint
+    checkpoints: int = 64  # measurements along the reference run (every step when it is shorter)
     seed: int = 0  # initial weights, data order and probe draw
     engine: str = DEFAULT_ENGINE  # per-example engine (see gns_sweep.per_example.ENGINES)
     max_batch: int = 256  # micro-batch size inside a shard: bounds peak memory

@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, field
 
 from gns_sweep import stats as st
 from gns_sweep.errors import UsageError
-from gns_sweep.per_example import param_layout
+from gns_sweep.per_example import ParamLayout, param_layout
 from gns_sweep.predict.config import PredictConfig, settings
 from gns_sweep.predict.reference import ReferenceRun, reference_run
 from gns_sweep.predict.report import LayerFlag, layer_flags, snr_histogram
 from gns_sweep.predict.shards import assign, edges, micro_batches, probe_indices
 from gns_sweep.predict.validate import validate
-from gns_sweep.predict.worker import Checkpoint, measure, probe_shard, scope_rows
+from gns_sweep.predict.worker import Checkpoint, Piece, measure, probe_shard, scope_rows
 from gns_sweep.progress import ProgressFn, no_progress
 from gns_sweep.results import Headline, ScopeRow, headline
 from gns_sweep.runtime import Cluster, Resources
@@ -32,7 +32,7 @@ from gns_sweep.storage import (
     write_table,
 )
 from gns_sweep.tasks import Task, load_task
-from gns_sweep.train import eval_loss, init_model
+from gns_sweep.train import init_model
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ def prepare_predict(
 def _resumed(job: PredictJob) -> PredictJob:
     path = job.out.predict
     try:
-        done = {r["checkpoint"] for r in read_rows(path)}
+        rows = read_rows(path)
+        done, planned = {r["checkpoint"] for r in rows}, max(r["n_checkpoints"] for r in rows)
     except Exception as exc:  # any damage: the file is only a cache of work that can be redone
         return PredictJob(job.task, job.config, job.out, note=f"cannot read {path} ({type(exc).__name__})")
     changed = settings_diff(stored_settings(path), settings(job.config))
@@ -97,45 +98,76 @@ def _resumed(job: PredictJob) -> PredictJob:
             f"{path} holds a different predict run (differs in: {', '.join(changed)}); with --resume repeat "
             "the first run's options, or pass --overwrite instead of --resume to start again"
         )
-    if len(done) < job.config.checkpoints:
-        note = f"{path} has {len(done)} of {job.config.checkpoints} checkpoints (interrupted)"
-        return PredictJob(job.task, job.config, job.out, note=note)
+    if len(done) < planned:
+        return PredictJob(job.task, job.config, job.out, note=f"{path} has {len(done)} of {planned} checkpoints")
     return PredictJob(job.task, job.config, job.out, kept=True)
 
 
 def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_progress) -> PredictResult:
-    """The reference run, then every checkpoint's probe on the cluster; predict.parquet after each."""
+    """The reference run, then every checkpoint's probe on the cluster, all checkpoints at once;
+    predict.parquet is rewritten as each checkpoint completes."""
     task, config = job.task, job.config
     resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
     cluster.check_resources(resources)  # fail before any work
     ref, snapshots = reference_run(
         task, seed=config.seed, warmup_steps=config.warmup_steps, checkpoints=config.checkpoints, progress=progress
     )
-    idx = probe_indices(task.n_train, config.probe_size, config.seed)
-    probe_ref = cluster.put((task.train_inputs[idx].contiguous(), task.train_targets[idx].contiguous(), task.loss))
+    model = init_model(task, config.seed)
+    layout = param_layout(model) if config.layer is None else param_layout(model).restrict(config.layer)
     n_blocks = min(config.blocks, config.probe_size)
     units = micro_batches(config.probe_size, edges(config.probe_size, n_blocks), config.max_batch, config.shards)
     work = assign(units, config.shards)
-    model = init_model(task, config.seed)
-    layout = param_layout(model)
-    if config.layer is not None:
-        layout = layout.restrict(config.layer)
-    rows: list[ScopeRow] = []
+    data = cluster.put((task.train_inputs, task.train_targets, task.loss))  # once, for every task
+    calls, owner = [], []
     for c, step in enumerate(ref.checkpoint_steps):
-        model.load_state_dict(snapshots[step])
-        model_ref = cluster.put(model)
-        calls = [
-            dict(model=model_ref, probe=probe_ref, units=units_k, engine=config.engine, param_moments=True)
-            for units_k in work
-        ]
-        stage = f"checkpoint {c + 1}/{len(ref.checkpoint_steps)} (step {step}): shards"
-        results = cluster.run(probe_shard, calls, resources=resources, stage=stage, progress=progress)
-        total, blocks, loss_sum = measure([p for r in results for p in r], n_blocks)
-        where = Checkpoint(task.name, c, step, step * ref.batch_size, eval_loss(model, task), config.engine)
-        rows += scope_rows(where, total, blocks, loss_sum, layout)
-        if job.out is not None:
-            write_rows(job.out, rows, config)
-    return _result(job, ref, rows, st.snr(total))
+        model.load_state_dict(snapshots.pop(step))
+        model_ref, probe = cluster.put(model), probe_indices(task.n_train, config.probe_size, config.seed, c)
+        for k, units_k in enumerate(work):
+            calls.append(dict(model=model_ref, data=data, probe=probe, units=units_k, engine=config.engine))
+            owner.append((c, k))
+    gather = _Gather(job, ref, layout, n_blocks, shards=len(work))
+    cluster.run(
+        probe_shard,
+        [{**call, "param_moments": True} for call in calls],
+        resources=resources,
+        stage=f"{len(ref.checkpoint_steps)} checkpoints x {len(work)} shards",
+        progress=progress,
+        on_result=lambda i, pieces, worker: gather.add(*owner[i], pieces),
+    )
+    return _result(job, ref, gather.rows(), st.snr(gather.last_total))
+
+
+class _Gather:
+    """Checkpoints complete in any order; each one's rows are made once all its shards are in."""
+
+    def __init__(self, job: PredictJob, ref: ReferenceRun, layout: ParamLayout, n_blocks: int, *, shards: int):
+        self.job, self.ref, self.layout, self.n_blocks, self.shards = job, ref, layout, n_blocks, shards
+        self.pieces: dict[int, dict[int, list[Piece]]] = {}  # checkpoint -> shard -> its pieces
+        self.done: dict[int, list[ScopeRow]] = {}
+        self.last_total: st.Moments | None = None
+
+    def add(self, c: int, k: int, pieces: list[Piece]) -> None:
+        got = self.pieces.setdefault(c, {})
+        got[k] = pieces
+        if len(got) < self.shards:
+            return
+        # shards finish in any order: merge in example order, so the result does not depend on it
+        ordered = [p for shard in sorted(got) for p in got[shard]]
+        del self.pieces[c]
+        total, blocks, loss_sum = measure(ordered, self.n_blocks)
+        ref, n = self.ref, len(self.ref.checkpoint_steps)
+        step = ref.checkpoint_steps[c]
+        where = Checkpoint(
+            self.job.task.name, c, step, step * ref.batch_size, ref.checkpoint_eval_losses[c], self.job.config.engine, n
+        )
+        self.done[c] = scope_rows(where, total, blocks, loss_sum, self.layout)
+        if c == len(self.ref.checkpoint_steps) - 1:
+            self.last_total = total
+        if self.job.out is not None:
+            write_rows(self.job.out, self.rows(), self.job.config)
+
+    def rows(self) -> list[ScopeRow]:
+        return [r for c in sorted(self.done) for r in self.done[c]]
 
 
 def write_rows(out: SweepDir, rows: list[ScopeRow], config: PredictConfig) -> None:

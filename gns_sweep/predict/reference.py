@@ -10,7 +10,7 @@ from torch import nn
 
 from gns_sweep.progress import ProgressEvent, ProgressFn
 from gns_sweep.tasks import Task
-from gns_sweep.train import TrainConfig, train
+from gns_sweep.train import TrainConfig, eval_loss, train
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,12 @@ class ReferenceRun:
     steps_to_target: int | None  # first step at or below the target (None: not reached)
     end_step: int  # last step measured (target, budget, or warm-up)
     checkpoint_steps: tuple[int, ...]  # steps at which B_simple was measured
+    checkpoint_eval_losses: tuple[float, ...]  # eval loss of the weights at each of them
 
 
 def checkpoint_steps(warmup: int, end: int, count: int) -> tuple[int, ...]:
-    """`count` distinct steps from warmup to end (extended when the run is too short)."""
-    end = max(end, warmup + count - 1)
+    """Up to `count` distinct steps evenly spread from warmup to end: every step when the run is shorter."""
+    count = max(1, min(count, end - warmup + 1))
     if count == 1:
         return (warmup,)
     return tuple(int(round(s)) for s in np.linspace(warmup, end, count))
@@ -47,13 +48,16 @@ def reference_run(
     steps = checkpoint_steps(warmup_steps, end, checkpoints)
     wanted = set(steps)
     snapshots: dict[int, dict] = {}
+    losses: dict[int, float] = {}
 
     def keep(step: int, model: nn.Module) -> None:
         if step in wanted:
             snapshots[step] = copy.deepcopy(model.state_dict())
+            losses[step] = eval_loss(model, task)
 
     # Replay with no target so it reaches the last checkpoint even past the target.
     replay = replace(tcfg, target_loss=None, budget_examples=(steps[-1] + 1) * task.batch_size)
     train(task, replay, on_step=keep, stop_after=steps[-1])
-    ref = ReferenceRun(task.batch_size, task.lr, task.target_loss, steps_to_target, end, steps)
+    evals = tuple(losses[s] for s in steps)
+    ref = ReferenceRun(task.batch_size, task.lr, task.target_loss, steps_to_target, end, steps, evals)
     return ref, snapshots

@@ -13,14 +13,18 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-PROBE_SEED_OFFSET = 104729  # the probe draw uses its own stream, apart from the data order
+PROBE_SEED_OFFSET = 104729  # the probe draws use their own stream, apart from the data order
+CHECKPOINT_STRIDE = 1_000_003  # a prime above any checkpoint count: (seed, checkpoint) pairs never collide
 
 Unit = tuple[int, int, int]  # (block index, first example, end example): one micro-batch
 
 
-def probe_indices(n_train: int, probe_size: int, seed: int) -> torch.Tensor:
-    """Which training examples the probe measures: a seeded draw without replacement."""
-    gen = torch.Generator().manual_seed(seed + PROBE_SEED_OFFSET)
+def probe_indices(n_train: int, probe_size: int, seed: int, checkpoint: int) -> torch.Tensor:
+    """Which training examples a checkpoint's probe measures: a seeded draw without replacement.
+
+    Each checkpoint draws afresh: the probe's sampling error in |G|^2 then averages out over
+    the checkpoints, where one probe reused everywhere would bias every checkpoint alike."""
+    gen = torch.Generator().manual_seed((seed + PROBE_SEED_OFFSET) * CHECKPOINT_STRIDE + checkpoint)
     return torch.randperm(n_train, generator=gen)[:probe_size]
 
 

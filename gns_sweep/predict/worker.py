@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from gns_sweep import stats as st
@@ -22,19 +23,22 @@ Piece = tuple[int, st.Moments, float]  # (block index, moments, loss sum) of one
 def probe_shard(
     *,
     model: nn.Module,
-    probe: tuple,
+    data: tuple,
+    probe: torch.Tensor,
     units: Sequence[Unit],
     engine: str,
     param_moments: bool,
     worker: WorkerInfo,
 ) -> list[Piece]:
-    """Runs on a worker: the moments of its pieces of each block.
+    """Runs on a worker: the moments of its pieces of each block of one checkpoint's probe.
 
-    Consecutive micro-batches of one block are folded into one float64
-    accumulator, so a block costs one conversion to Moments, however many
-    micro-batches it holds.
+    `data` is (inputs, targets, loss) of the whole training set, shared by every task through the
+    object store; `probe` the checkpoint's example indices, which `units` cut into micro-batches.
+    Consecutive micro-batches of one block are folded into one float64 accumulator, so a block
+    costs one conversion to Moments, however many micro-batches it holds.
     """
-    inputs, targets, loss = probe
+    all_inputs, all_targets, loss = data
+    inputs, targets = all_inputs[probe], all_targets[probe]  # (probe_size, ...): this checkpoint's draw
     model = model.to(worker.device).train()
     refuse_coupled_layers(model)
     layout = param_layout(model)
@@ -75,6 +79,7 @@ class Checkpoint:
     examples_seen: int  # step * reference batch size
     eval_loss: float  # eval loss of the weights measured
     engine: str  # per-example engine used
+    n_checkpoints: int  # checkpoints along the reference run (a finished file has them all)
 
 
 def scope_rows(

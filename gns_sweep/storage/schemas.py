@@ -12,6 +12,7 @@ PREDICT_SCHEMA = pa.schema(
         ("examples_seen", pa.int64()),  # step * reference batch size
         ("train_loss", pa.float64()),  # mean loss over the probe examples
         ("eval_loss", pa.float64()),  # mean loss over the task's eval set
+        ("n_checkpoints", pa.int64()),  # checkpoints along the reference run
         ("scope", pa.string()),  # "total" or a layer name as in named_modules()
         ("n_params", pa.int64()),  # trainable parameters in the scope
         ("n_examples", pa.int64()),  # probe examples measured
@@ -83,6 +84,7 @@ CURVES_SCHEMA = pa.schema(
 
 FRONTIER_SCHEMA = pa.schema(
     [
+        ("target_loss", pa.float64()),  # the target these steps are to
         ("batch_size", pa.int64()),
         ("best_lr", pa.float64()),  # NaN when no lr reached the target
         ("lr_edge", pa.string()),  # "low"/"high": best lr is the smallest/largest tried; widen the grid
@@ -92,17 +94,19 @@ FRONTIER_SCHEMA = pa.schema(
         ("seeds", pa.int64()),
         ("censored", pa.bool_()),  # not reached by most seeds at any lr: left out of the fit
         ("fitted_steps", pa.float64()),  # S_min (1 + B_crit/B)
-        ("predicted_steps", pa.float64()),  # S_min (1 + B_simple/B), B_simple near the target
+        ("predicted_steps", pa.float64()),  # S_min (1 + B_simple/B)
     ]
 )
 
 COMPARISON_SCHEMA = pa.schema(
     [
         ("task", pa.string()),
-        ("target_loss", pa.float64()),  # the sweep's eval-loss target
+        ("target_loss", pa.float64()),  # the eval-loss target of this row
+        ("sweep_target", pa.bool_()),  # the sweep's own target (its trials stopped there)
         ("b_crit", pa.float64()),  # E_min / S_min from the log-space fit
         ("b_crit_lo", pa.float64()),  # 95% bootstrap interval over seeds
         ("b_crit_hi", pa.float64()),
+        ("b_crit_measured", pa.bool_()),  # the frontier has two ends (S_min >= 5, a bend in the grid)
         ("s_min", pa.float64()),  # fitted steps with an infinite batch
         ("e_min", pa.float64()),  # fitted examples with a tiny batch
         ("fit_points", pa.int64()),  # batch sizes in the fit
@@ -110,12 +114,16 @@ COMPARISON_SCHEMA = pa.schema(
         ("b_crit_at_bound", pa.bool_()),  # the curve does not bend inside the grid: B_crit is a bound
         ("censored_batch_sizes", pa.string()),  # comma list of batch sizes that never reached the target
         ("lr_edge_batch_sizes", pa.string()),  # comma list of batch sizes whose best lr is on the grid edge
-        ("b_simple_start", pa.float64()),  # at the first checkpoint of predict's reference run
-        ("b_simple_avg", pa.float64()),  # tr and |G|^2 averaged over every checkpoint, then divided
-        ("b_simple_target", pa.float64()),  # the same over the last quarter (near the target): the headline
-        ("ratio", pa.float64()),  # b_simple_target / b_crit
+        ("b_simple", pa.float64()),  # mean tr / mean |G|^2 from the reference run's start to this loss: the headline
+        ("b_simple_lo", pa.float64()),  # 95% bootstrap over checkpoints
+        ("b_simple_hi", pa.float64()),
+        ("b_simple_late", pa.float64()),  # the same over the last quarter of those checkpoints
+        ("b_simple_start", pa.float64()),  # at the first checkpoint
+        ("b_simple_checkpoints", pa.int64()),  # checkpoints averaged
+        ("reference_reached", pa.bool_()),  # predict's reference run reached this loss
+        ("ratio", pa.float64()),  # b_simple / b_crit
         ("log10_ratio", pa.float64()),
-        ("ratio_avg", pa.float64()),  # b_simple_avg / b_crit
+        ("ratio_late", pa.float64()),  # b_simple_late / b_crit
         ("ratio_start", pa.float64()),  # b_simple_start / b_crit
         ("reference_batch_size", pa.int64()),  # batch size of predict's reference run
         ("reference_eval_loss", pa.float64()),  # eval loss at predict's last checkpoint

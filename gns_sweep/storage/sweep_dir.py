@@ -49,8 +49,12 @@ class SweepDir:
         return self.path / "frontier.parquet"
 
     @property
-    def plot(self) -> Path:
+    def plot(self) -> Path:  # the frontier at the sweep's own target
         return self.path / "comparison.png"
+
+    @property
+    def ladder_plot(self) -> Path:  # B_crit and B_simple against the target loss
+        return self.path / "targets.png"
 
     def trial(self, trial_id: str) -> Path:
         return self.trials_dir / f"{trial_id}.parquet"
@@ -88,7 +92,7 @@ class SweepDir:
             for p in self.trials_dir.iterdir():
                 p.unlink()
             self.trials_dir.rmdir()
-        for path in (self.plan, self.trials, self.curves, self.comparison, self.frontier, self.plot):
+        for path in (self.plan, self.trials, self.curves, self.comparison, self.frontier, self.plot, self.ladder_plot):
             path.unlink(missing_ok=True)
 
 
