@@ -49,11 +49,10 @@ def show(r: EmpiricalResult, as_json: bool) -> None:
 
 
 def describe_plan(p: Plan) -> None:
-    source = {"task": "the task's default", "--target-loss": "--target-loss", "pilot": "chosen by a pilot run"}
     out.print(
         f"[bold]{p.task}[/]: {len(p.trials)} trials = {len(p.batch_sizes)} batch sizes x "
         f"{len(p.lrs[0]) if len(set(map(len, p.lrs))) == 1 else 'several'} lrs x {len(p.seeds)} seeds; "
-        f"target eval loss {p.target_loss:g} ({source.get(p.target_source, p.target_source)}); "
+        f"target eval loss {p.target_loss:g} ({p.target_reason}); "
         f"budget {p.budget_examples} examples per trial"
         + (f"; centre lr capped at {p.lr_cap:.3g} (half the largest stable lr)" if p.lr_cap else "")
     )
@@ -66,6 +65,7 @@ def summary(r: EmpiricalResult) -> dict:
         "out": str(r.out.path) if r.out else None,
         "target_loss": r.plan.target_loss,
         "target_source": r.plan.target_source,
+        "target_reason": r.plan.target_reason,
         "budget_examples": r.plan.budget_examples,
         "lr_cap": r.plan.lr_cap,
         "trials": len(r.records),

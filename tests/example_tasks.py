@@ -61,3 +61,20 @@ def batchnorm():
     """BatchNorm in train mode couples the examples of a batch: refused up front, naming the layer."""
     model = lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))  # noqa: E731
     return gns_sweep.Task(**{**identical().__dict__, "name": "batchnorm", "build_model": model})
+
+
+def separable_without_target():
+    """A user's task with no target, which large batches learn in a few steps at a loose target."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6000, 10, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    return gns_sweep.Task(
+        name="separable",
+        build_model=lambda: nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 2)),
+        train_inputs=x[:5000],
+        train_targets=y[:5000],
+        eval_inputs=x[5000:],
+        eval_targets=y[5000:],
+        loss=lambda out, t: nn.functional.cross_entropy(out, t, reduction="none"),
+        batch_sizes=(8, 16, 32, 64, 128, 256, 512),
+    )

@@ -130,3 +130,23 @@ def test_resume_refuses_a_different_plan(ray_address, tmp_path):
     other = invoke(*base, "--budget-examples", "1280", "--out", str(out), "--address", ray_address, "--resume")
     assert other.exit_code == 2 and "budget_examples" in other.output
     assert Path(out / "trials.parquet").exists()
+
+
+def test_a_pilot_target_needs_tens_of_steps_at_the_largest_batch(monkeypatch):
+    """Without a target the pilot picks one the largest batch size cannot reach in a few steps at any lr of
+    its grid, so the frontier has a large-batch end (S_min >= 10), and the middle batch size reaches it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from example_tasks import separable_without_target
+
+    from gns_sweep.empirical import EmpiricalConfig, make_plan
+    from gns_sweep.train import TrainConfig, train
+
+    task = separable_without_target()
+    plan = make_plan(EmpiricalConfig(task="example_tasks:separable_without_target", seeds=1), task)
+    assert plan.target_source == "pilot" and "tightened" in plan.target_reason, plan.target_reason
+    big, mid = plan.batch_sizes[-1], plan.batch_sizes[len(plan.batch_sizes) // 2]
+    steps = [train(task, TrainConfig(big, lr, plan.budget_examples, plan.target_loss, seed=0)) for lr in plan.lrs[-1]]
+    reached = [r.steps_to_target for r in steps if r.steps_to_target is not None]
+    assert reached and min(reached) >= 10, [r.steps_to_target for r in steps]
+    mid_lrs = plan.lrs[len(plan.batch_sizes) // 2]
+    assert train(task, TrainConfig(mid, mid_lrs[2], plan.budget_examples, plan.target_loss, seed=1)).status == "reached"

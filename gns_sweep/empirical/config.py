@@ -43,6 +43,7 @@ class Plan:
     budget_examples: int  # training examples allowed per trial
     target_loss: float
     target_source: str  # "task", "--target-loss" or "pilot"
+    target_reason: str  # why this target, for the user
     lr_cap: float | None  # centre lrs were capped here (half the largest stable lr); None: explicit lrs
     trials: tuple[TrialSpec, ...] = field(repr=False)
 

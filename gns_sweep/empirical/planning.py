@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from gns_sweep.empirical.config import EmpiricalConfig, Plan, TrialSpec, trial_id
 from gns_sweep.tasks import Task
@@ -11,7 +12,18 @@ from gns_sweep.train import TrainConfig, train
 LR_POINTS = 5  # default lr grid: this many points ...
 LR_FACTOR = 2.0  # ... a factor this apart
 STABILITY_STEPS = 30  # steps of the stability probe at the largest batch size
-PILOT_FRACTION = 0.9  # a pilot-chosen target is this far from the initial to the pilot's best loss
+PILOT_FRACTION = 0.9  # a pilot-chosen target is this far from the initial to the pilot's best loss ...
+PILOT_HARDEST = 0.98  # ... or, tightened so the largest batch needs tens of steps, at most this far
+PILOT_MIN_STEPS = 40  # steps the largest batch needs at its centre lr for a pilot-chosen target (its best lr: ~half)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The sweep's target loss and why it is that."""
+
+    loss: float
+    source: str  # "task", "--target-loss" or "pilot"
+    reason: str  # one line for the user
 
 
 def stable_lr(task: Task, batch_size: int, *, start: float, steps: int = STABILITY_STEPS) -> float:
@@ -48,12 +60,44 @@ def lr_grid(task: Task, batch_size: int, config: EmpiricalConfig, cap: float | N
     return tuple(sorted({float(f"{centre * m:.6g}") for m in mults}))
 
 
-def pilot_target(task: Task, batch_size: int, lr: float, budget: int) -> float:
-    """A target most batch sizes can reach: PILOT_FRACTION of the way to the pilot's best loss."""
-    r = train(task, TrainConfig(batch_size, lr, budget, None, seed=0))
-    finite = [x for x in r.curve_losses if math.isfinite(x)]
-    best = min(finite)
-    return float(f"{r.initial_eval_loss - PILOT_FRACTION * (r.initial_eval_loss - best):.6g}")
+def pilot_target(task: Task, sizes: tuple[int, ...], grids: tuple[tuple[float, ...], ...], budget: int) -> Target:
+    """A target most batch sizes reach within the budget, yet the largest batch needs tens of steps for.
+
+    A pilot at the middle batch size sets the easy end: PILOT_FRACTION of the way from the initial
+    loss to its best. A pilot at the largest batch size checks that target is not reached within
+    PILOT_MIN_STEPS steps; where it is, the target is tightened to what the large batch has not
+    reached by then, so the measured frontier has a large-batch end (S_min of tens of steps)."""
+    mid_lrs, big_lrs = grids[len(sizes) // 2], grids[-1]
+    mid = train(task, TrainConfig(sizes[len(sizes) // 2], mid_lrs[len(mid_lrs) // 2], budget, None, seed=0))
+    first, best = mid.initial_eval_loss, min(x for x in mid.curve_losses if math.isfinite(x))
+    easy = first - PILOT_FRACTION * (first - best)
+    big = train(task, TrainConfig(sizes[-1], big_lrs[len(big_lrs) // 2], budget, None, seed=0))
+    early = [x for s, x in zip(big.curve_steps, big.curve_losses, strict=True) if s <= PILOT_MIN_STEPS]
+    reached_early = min((x for x in early if math.isfinite(x)), default=math.inf)
+    what = (
+        f"{PILOT_FRACTION:.0%} of the way from the initial eval loss {first:.4g} to a batch-"
+        f"{sizes[len(sizes) // 2]} pilot's best {best:.4g}"
+    )
+    if reached_early > easy:
+        return Target(_round(easy), "pilot", f"{what}; batch {sizes[-1]} needs over {PILOT_MIN_STEPS} steps for it")
+    hardest = first - PILOT_HARDEST * (first - best)  # still reached by most batch sizes within the budget
+    tight = reached_early - 1e-3 * (first - best)
+    if tight >= hardest:
+        return Target(
+            _round(tight),
+            "pilot",
+            f"tightened from {easy:.4g} ({what}) so that batch {sizes[-1]} needs over {PILOT_MIN_STEPS} steps",
+        )
+    return Target(
+        _round(hardest),
+        "pilot",
+        f"{PILOT_HARDEST:.0%} of the way ({what}); batch {sizes[-1]} gets there within {PILOT_MIN_STEPS} steps: "
+        "expect a small S_min (large batches barely need more than a step or two)",
+    )
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
 
 
 def make_plan(config: EmpiricalConfig, task: Task) -> Plan:
@@ -66,13 +110,12 @@ def make_plan(config: EmpiricalConfig, task: Task) -> Plan:
         cap = stable_lr(task, max(sizes), start=task.lr) / 2
     grids = tuple(lr_grid(task, b, config, cap) for b in sizes)
     if config.target_loss is not None:
-        target, source = float(config.target_loss), "--target-loss"
+        target, source, reason = float(config.target_loss), "--target-loss", "given with --target-loss"
     elif task.target_loss is not None:
-        target, source = float(task.target_loss), "task"
+        target, source, reason = float(task.target_loss), "task", "the task's default"
     else:
-        mid = sizes[len(sizes) // 2]
-        grid = grids[len(sizes) // 2]
-        target, source = pilot_target(task, mid, grid[len(grid) // 2], budget), "pilot"
+        chosen = pilot_target(task, sizes, grids, budget)
+        target, source, reason = chosen.loss, chosen.source, chosen.reason
     seeds = tuple(range(config.seeds))
     trials = tuple(
         TrialSpec(trial_id(b, lr, s), b, lr, s)
@@ -80,4 +123,4 @@ def make_plan(config: EmpiricalConfig, task: Task) -> Plan:
         for lr in grid
         for s in seeds
     )
-    return Plan(task.name, sizes, grids, seeds, budget, target, source, cap, trials)
+    return Plan(task.name, sizes, grids, seeds, budget, target, source, reason, cap, trials)
