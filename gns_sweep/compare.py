@@ -26,6 +26,7 @@ from gns_sweep.storage import (
 )
 
 BOOTSTRAP_RESAMPLES = 500
+FAILED = "failed"  # status of a trial whose own code raised: recorded, never fitted
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,10 @@ def compare(
     """Pure part of compare: the ladder of targets, and at each the fit, its bootstrap and B_simple."""
     rows = [ScopeRow(**r) for r in predict_rows]
     total = total_rows(rows)
-    trials = ld.trials_from_rows(trial_rows, curve_rows)
+    ran = [r for r in trial_rows if r["status"] != FAILED]  # a crashed trial measured nothing: not a censored one
+    if not ran:
+        raise UsageError(f"every trial failed ({len(trial_rows)}); fix the cause and rerun empirical with --resume")
+    trials = ld.trials_from_rows(ran, curve_rows)
     own = float(trial_rows[0]["target_loss"])
     ladder = ld.default_ladder(trials, own) if targets is None else _chosen(targets, own)
     judged = sorted(set(ladder.targets) | {own}, reverse=True)  # the sweep's own target is always judged
