@@ -5,6 +5,10 @@ scope, with N examples,
     tr(Sigma) = 1/(N-1) sum ||g_i - gbar||^2            (unbiased)
     |G|^2     = ||gbar||^2 - tr(Sigma)/N                 (unbiased)
     B_simple  = tr(Sigma) / |G|^2, only when |G|^2 > 0.
+Where a layer couples the examples (BatchNorm), the samples are instead the mean
+gradients m_j of M micro-batches of b examples; `micro_batch=b` then gives
+tr(Sigma) = b tr(Sigma_b), tr(Sigma_b) = 1/(M-1) sum ||m_j - mbar||^2 and
+|G|^2 = ||mbar||^2 - tr(Sigma_b)/M (docs/method.md).
 
 Statistics are kept in the (n, mean, M2) form and combined with Chan et al.'s
 pairwise update, so merging shards never subtracts two large sums. Parameters
@@ -123,26 +127,39 @@ class ScopeEstimate:
     b_simple: float  # tr(Sigma)/|G|^2, NaN when unresolved
     b_simple_lower: float  # min(n, tr(Sigma)/||gbar||^2): a rough lower bound, finite even when unresolved
     resolved: bool  # |G|^2 > 0 at this n
+    micro_batch: int = 1  # examples per sample: 1 for per-example gradients, b for micro-batch means
 
 
-def estimate(n: int, sq_mean: float, m2: float) -> ScopeEstimate:
-    """B_simple from n, ||gbar||^2 and M2 = sum ||g_i - gbar||^2 of one scope."""
+def estimate(n: int, sq_mean: float, m2: float, *, micro_batch: int = 1) -> ScopeEstimate:
+    """B_simple from n, ||gbar||^2 and M2 = sum ||g_i - gbar||^2 of one scope.
+
+    With micro_batch = b > 1 the n samples are micro-batch mean gradients m_j (each the gradient of the
+    mean loss over b examples; docs/method.md, "The micro-batch estimator"): tr(Sigma_b) = M2/(n-1) is
+    their covariance trace, and the estimate is put on the per-example scale, tr(Sigma) = b tr(Sigma_b)
+    and |G|^2 = ||mbar||^2 - tr(Sigma_b)/n, over n b examples (the returned n). b = 1 is the per-example
+    estimator, unchanged."""
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     if n < 2:
-        raise ValueError(f"need at least 2 examples to estimate a variance, got {n}")
-    trace = m2 / (n - 1)
-    g2 = sq_mean - trace / n
+        unit = "examples" if micro_batch == 1 else "micro-batches"
+        raise ValueError(f"need at least 2 {unit} to estimate a variance, got {n}")
+    trace_b = m2 / (n - 1)  # of the samples' covariance: tr(Sigma)/b when examples are independent
+    g2 = sq_mean - trace_b / n
+    trace = micro_batch * trace_b
+    examples = n * micro_batch
     resolved = g2 > 0 and math.isfinite(g2)
-    # E||gbar||^2 = |G|^2 + tr/n >= |G|^2, so tr/||gbar||^2 is (in expectation) below
-    # B_simple; when unresolved, ||gbar||^2 <= tr/n and the data only say B_simple >~ n.
-    lower = min(float(n), trace / sq_mean) if sq_mean > 0 else float(n)
+    # E||gbar||^2 = |G|^2 + tr/N >= |G|^2 (N examples, as tr_b/n = tr/N), so tr/||gbar||^2 is (in
+    # expectation) below B_simple; when unresolved, ||gbar||^2 <= tr/N and the data only say B_simple >~ N.
+    lower = min(float(examples), trace / sq_mean) if sq_mean > 0 else float(examples)
     return ScopeEstimate(
-        n=n,
+        n=examples,
         grad_sq_norm=g2,
         grad_sq_norm_biased=sq_mean,
         trace_sigma=trace,
         b_simple=trace / g2 if resolved else math.nan,
         b_simple_lower=lower,
         resolved=resolved,
+        micro_batch=micro_batch,
     )
 
 
@@ -153,9 +170,10 @@ def scope_sums(m: Moments, groups: Sequence[int]) -> tuple[float, float]:
     return float(sq[idx].sum()), float(m.m2_group[idx].sum())
 
 
-def estimate_scope(m: Moments, groups: Sequence[int]) -> ScopeEstimate:
+def estimate_scope(m: Moments, groups: Sequence[int], *, micro_batch: int = 1) -> ScopeEstimate:
+    """The estimate of one scope; micro_batch = b when the moments' samples are means of b examples."""
     sq_mean, m2 = scope_sums(m, groups)
-    return estimate(m.n, sq_mean, m2)
+    return estimate(m.n, sq_mean, m2, micro_batch=micro_batch)
 
 
 @dataclass(frozen=True)
@@ -166,10 +184,13 @@ class Interval:
     hi: float  # +inf when a leave-one-out estimate is unresolved
 
 
-def jackknife_interval(total: Moments, blocks: Sequence[Moments], groups: Sequence[int]) -> Interval:
+def jackknife_interval(
+    total: Moments, blocks: Sequence[Moments], groups: Sequence[int], *, micro_batch: int = 1
+) -> Interval:
     """Delete-one-block jackknife on log B_simple (B is a positive ratio, so the
-    interval is formed on the log scale and is never negative)."""
-    full = estimate_scope(total, groups)
+    interval is formed on the log scale and is never negative). micro_batch = b
+    when the samples are micro-batch means (a block is then whole micro-batches)."""
+    full = estimate_scope(total, groups, micro_batch=micro_batch)
     k = len(blocks)
     if k < 2 or not full.resolved:
         return Interval(math.nan, math.nan)
@@ -177,7 +198,7 @@ def jackknife_interval(total: Moments, blocks: Sequence[Moments], groups: Sequen
         return Interval(0.0, 0.0)
     logs = []
     for block in blocks:
-        rest = estimate_scope(subtract(total, block), groups)
+        rest = estimate_scope(subtract(total, block), groups, micro_batch=micro_batch)
         if not rest.resolved:
             return Interval(math.nan, math.inf)
         if rest.b_simple <= 0:
@@ -189,11 +210,14 @@ def jackknife_interval(total: Moments, blocks: Sequence[Moments], groups: Sequen
     return Interval(math.exp(centre - Z95 * se), math.exp(centre + Z95 * se))
 
 
-def snr(m: Moments, eps: float = 1e-12) -> np.ndarray:
-    """Per-parameter signal-to-noise |gbar_k| / (std_k + eps), (P,)."""
+def snr(m: Moments, eps: float = 1e-12, *, micro_batch: int = 1) -> np.ndarray:
+    """Per-parameter signal-to-noise |gbar_k| / (std_k + eps), (P,), std_k of one example's gradient.
+
+    With micro_batch = b the samples are means of b examples, whose variance is 1/b of an example's."""
     if m.m2_param is None:
         raise ValueError("per-parameter second moments were not collected")
-    std = np.sqrt(m.m2_param / max(m.n - 1, 1))
+    var = m.m2_param / max(m.n - 1, 1)
+    std = np.sqrt(var if micro_batch == 1 else micro_batch * var)
     return np.abs(m.mean) / (std + eps)
 
 

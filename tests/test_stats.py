@@ -110,3 +110,83 @@ def test_snr_per_parameter(grads):
     m = st.from_samples(grads, OFFSETS, param_moments=True)
     expected = np.abs(grads.mean(0)) / (grads.std(0, ddof=1) + 1e-12)
     np.testing.assert_allclose(st.snr(m), expected, rtol=1e-10)
+
+
+# --- micro-batch means as the samples -----------------------------------------
+
+
+def direct_micro(means: np.ndarray, b: int):
+    """tr(Sigma), |G|^2 and B_simple the obvious way from micro-batch means (M, P) of b examples each."""
+    big_m = means.shape[0]
+    mbar = means.mean(0)
+    trace_b = ((means - mbar) ** 2).sum() / (big_m - 1)
+    g2 = (mbar**2).sum() - trace_b / big_m
+    return b * trace_b, g2, b * trace_b / g2
+
+
+@pytest.mark.parametrize("b", [2, 3, 16])
+def test_micro_batch_estimate_matches_direct(grads, b):
+    m = st.from_samples(grads, OFFSETS, param_moments=True)  # the 40 rows taken as micro-batch means
+    est = st.estimate_scope(m, [0, 1, 2], micro_batch=b)
+    trace, g2, bs = direct_micro(grads, b)
+    assert est.n == 40 * b and est.micro_batch == b
+    assert est.trace_sigma == pytest.approx(trace, rel=1e-12)
+    assert est.grad_sq_norm == pytest.approx(g2, rel=1e-12)
+    assert est.b_simple == pytest.approx(bs, rel=1e-12)
+    assert est.grad_sq_norm_biased == pytest.approx((grads.mean(0) ** 2).sum(), rel=1e-12)
+    assert est.b_simple_lower == pytest.approx(min(40 * b, trace / est.grad_sq_norm_biased), rel=1e-12)
+    layer = st.estimate_scope(m, [2], micro_batch=b)
+    assert layer.b_simple == pytest.approx(direct_micro(grads[:, 4:9], b)[2], rel=1e-12)
+
+
+def test_micro_batch_one_is_the_per_example_estimate(grads):
+    m = st.from_samples(grads, OFFSETS, param_moments=True)
+    for groups in ([0, 1, 2], [1]):
+        assert st.estimate_scope(m, groups, micro_batch=1) == st.estimate_scope(m, groups)
+    assert st.estimate(7, 2.0, 3.0, micro_batch=1) == st.estimate(7, 2.0, 3.0)
+    np.testing.assert_array_equal(st.snr(m, micro_batch=1), st.snr(m))
+    with pytest.raises(ValueError, match="at least 2 micro-batches"):
+        st.estimate(1, 1.0, 0.0, micro_batch=4)
+    with pytest.raises(ValueError, match="micro_batch must be >= 1"):
+        st.estimate(5, 1.0, 1.0, micro_batch=0)
+
+
+@pytest.mark.parametrize(("b", "big_m"), [(2, 2), (4, 3), (8, 5)])
+def test_micro_batch_estimates_are_unbiased_for_independent_examples(b, big_m):
+    """Examples g_i ~ N(G, Sigma) in groups of b: averaged over many draws, b tr(Sigma_b) and
+    ||mbar||^2 - tr(Sigma_b)/M land on tr(Sigma) and |G|^2 within 4 standard errors."""
+    rng = np.random.default_rng(b * 100 + big_m)
+    mean, std = np.array([1.0, 0.5, 0.0, -0.5]), np.array([1.0, 1.5, 0.5, 2.0])  # Sigma = diag(std^2)
+    draws = 4000
+    g = mean + std * rng.normal(size=(draws, big_m, b, 4))  # (R, M, b, P) per-example gradients
+    means = g.mean(2)  # (R, M, P) micro-batch means
+    offsets = np.array([0, 4])
+    ests = [st.estimate_scope(st.from_samples(m, offsets, param_moments=False), [0], micro_batch=b) for m in means]
+    for got, want in (
+        ([e.trace_sigma for e in ests], (std**2).sum()),
+        ([e.grad_sq_norm for e in ests], (mean**2).sum()),
+    ):
+        se = np.std(got, ddof=1) / math.sqrt(draws)
+        assert abs(np.mean(got) - want) < 4 * se, (np.mean(got), want, se)
+
+
+def test_micro_batch_jackknife_matches_slow_loop(grads):
+    b = 4
+    blocks = [st.from_samples(p, OFFSETS, param_moments=False) for p in np.split(grads, 8)]
+    total = st.merge_all(blocks)
+    ci = st.jackknife_interval(total, blocks, [0, 1, 2], micro_batch=b)
+    bs = st.estimate_scope(total, [0, 1, 2], micro_batch=b).b_simple
+    assert bs == pytest.approx(direct_micro(grads, b)[2], rel=1e-12)
+    logs = np.log(
+        [direct_micro(np.concatenate([p for j, p in enumerate(np.split(grads, 8)) if j != k]), b)[2] for k in range(8)]
+    )
+    se = math.sqrt(7 / 8 * ((logs - logs.mean()) ** 2).sum())
+    assert ci.lo == pytest.approx(bs * math.exp(-st.Z95 * se), rel=1e-9)
+    assert ci.hi == pytest.approx(bs * math.exp(st.Z95 * se), rel=1e-9)
+
+
+def test_micro_batch_snr_is_per_example(grads):
+    """A mean of b examples has 1/b of an example's variance: the per-example std is sqrt(b) times larger."""
+    m = st.from_samples(grads, OFFSETS, param_moments=True)
+    expected = np.abs(grads.mean(0)) / (math.sqrt(5) * grads.std(0, ddof=1) + 1e-12)
+    np.testing.assert_allclose(st.snr(m, micro_batch=5), expected, rtol=1e-10)

@@ -5,7 +5,9 @@ one micro-batch (`BatchSums`); `shard_moments` runs it over a set of examples
 in micro-batches of at most `max_batch`, so peak memory is bounded by the
 micro-batch, not the probe size, and folds the sums into float64 Moments.
 `register_rule` gives the fast engine a rule for a layer type of one's own
-(docs/register-rule.md).
+(docs/register-rule.md). The "micro-batch" engine measures models whose layers
+couple examples (`coupled_layers` names them): its samples are micro-batch mean
+gradients, which `stats.estimate(..., micro_batch=b)` puts on the per-example scale.
 """
 
 from __future__ import annotations
@@ -14,19 +16,26 @@ import torch
 from torch import nn
 
 from gns_sweep.errors import UsageError
-from gns_sweep.per_example.base import BatchMoments, Engine, LossFn, refuse_coupled_layers
+from gns_sweep.per_example.base import BatchMoments, Engine, LossFn, coupled_layers, refuse_coupled_layers
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import GeneralEngine
 from gns_sweep.per_example.layout import ROOT, TOTAL, ParamLayout, param_layout
 from gns_sweep.per_example.loop import LoopEngine
+from gns_sweep.per_example.micro_batch import DEFAULT_MICRO_BATCH, MicroBatchEngine, check_divisible
 from gns_sweep.per_example.rules import Call, ParamStats, RegisteredRule, Rule, register_rule, stats_of
 from gns_sweep.per_example.sums import BatchSums, SumAccumulator
 
-ENGINES: dict[str, type] = {"fast": FastEngine, "general": GeneralEngine, "loop": LoopEngine}
+ENGINES: dict[str, type] = {
+    "fast": FastEngine,
+    "general": GeneralEngine,
+    "loop": LoopEngine,
+    "micro-batch": MicroBatchEngine,
+}
 DEFAULT_ENGINE = "fast"
 
 __all__ = [
     "DEFAULT_ENGINE",
+    "DEFAULT_MICRO_BATCH",
     "ENGINES",
     "ROOT",
     "TOTAL",
@@ -34,6 +43,7 @@ __all__ = [
     "BatchSums",
     "Call",
     "Engine",
+    "MicroBatchEngine",
     "ParamLayout",
     "ParamStats",
     "RegisteredRule",
@@ -44,6 +54,7 @@ __all__ = [
     "stats_of",
     "SumAccumulator",
     "batch_moments",
+    "coupled_layers",
     "shard_moments",
 ]
 
@@ -66,11 +77,21 @@ def shard_moments(
     max_batch: int,
     param_moments: bool,
 ) -> BatchMoments:
-    """Moments of all given examples, computed in micro-batches of at most max_batch."""
-    refuse_coupled_layers(model)
+    """Moments of all given examples, computed in micro-batches of at most max_batch.
+
+    For an engine with samples of `micro_batch` examples (the micro-batch engine) the calls take a multiple
+    of it: max_batch rounded down, or one micro-batch if max_batch is smaller. Layers that couple examples
+    are refused unless the engine is one of those."""
+    step = max_batch
+    b = getattr(engine, "micro_batch", None)
+    if b is None:
+        refuse_coupled_layers(model)
+    else:
+        check_divisible(inputs.shape[0], b)  # before any work
+        step = max(b, max_batch - max_batch % b)
     acc = SumAccumulator(layout, param_moments=param_moments)
-    for start in range(0, inputs.shape[0], max_batch):
-        x, y = inputs[start : start + max_batch], targets[start : start + max_batch]
+    for start in range(0, inputs.shape[0], step):
+        x, y = inputs[start : start + step], targets[start : start + step]
         acc.add(engine.batch_sums(model, x, y, loss, layout, param_moments=param_moments))
     return BatchMoments(acc.moments(), acc.loss_sum)
 

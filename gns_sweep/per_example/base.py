@@ -26,7 +26,10 @@ class BatchMoments:
 
 
 class Engine(Protocol):
-    """Computes per-example gradient statistics of a frozen model."""
+    """Computes per-example gradient statistics of a frozen model.
+
+    An engine whose samples are micro-batches of b examples (MicroBatchEngine) also has `micro_batch = b`:
+    its BatchSums count micro-batches, and layers that couple examples are not refused for it."""
 
     name: str
 
@@ -45,9 +48,16 @@ class Engine(Protocol):
 _COUPLING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 
+def coupled_layers(model: nn.Module) -> list[tuple[str, type]]:
+    """The layers that couple the examples of a batch in the model's current mode, as (name, class).
+
+    Empty: per-example gradients exist. Otherwise only the micro-batch engine can measure the model."""
+    return [(name, type(m)) for name, m in coupling_candidates(model) if couples(m)]
+
+
 def refuse_coupled_layers(model: nn.Module) -> None:
     """Per-example gradients are undefined where a layer mixes examples."""
-    refuse_coupled(coupling_candidates(model))
+    _refuse(coupled_layers(model))
 
 
 def coupling_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -55,15 +65,24 @@ def coupling_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _COUPLING)]
 
 
+def couples(module: nn.Module) -> bool:
+    """Whether a coupling candidate mixes examples now. BatchNorm without running statistics normalises
+    by the batch even in eval mode."""
+    return module.training or not getattr(module, "track_running_stats", True)
+
+
 def refuse_coupled(candidates: list[tuple[str, nn.Module]]) -> None:
-    for name, module in candidates:
-        # BatchNorm without running statistics normalises by the batch even in eval mode.
-        if module.training or not getattr(module, "track_running_stats", True):
-            raise UsageError(
-                f"layer '{name}' ({type(module).__name__}) couples the examples of a batch (it normalises "
-                "by batch statistics), so per-example gradients are undefined; replace it with GroupNorm or "
-                "LayerNorm (the micro-batch estimator that would handle it is not built yet)"
-            )
+    """As refuse_coupled_layers, from candidates read once (their modes can change between calls)."""
+    _refuse([(name, type(m)) for name, m in candidates if couples(m)])
+
+
+def _refuse(coupled: list[tuple[str, type]]) -> None:
+    for name, cls in coupled[:1]:
+        raise UsageError(
+            f"layer '{name}' ({cls.__name__}) couples the examples of a batch (it normalises by batch "
+            "statistics), so per-example gradients are undefined; replace it with GroupNorm or LayerNorm, "
+            "or measure it with the engine 'micro-batch' (gradients of micro-batches of b examples)"
+        )
 
 
 def check_losses(losses: torch.Tensor, n: int) -> None:

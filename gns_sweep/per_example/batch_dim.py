@@ -103,7 +103,7 @@ def _run(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probe
     probes.runs += 1
     try:
         for size in probe_sizes(n):
-            with _buffers_kept(model):
+            with buffers_kept(model):
                 rows = (torch.arange(size, device=inputs.device) + start) % n  # rows repeat when n is small
                 model(inputs[rows])
     except Exception:  # any failure (a model bound to one batch size): keep what earlier runs saw
@@ -119,8 +119,12 @@ def _run(model: nn.Module, inputs: torch.Tensor, modules: list[nn.Module], probe
 
 
 @contextmanager
-def _buffers_kept(model: nn.Module):
-    """Undo what a forward does to the model's buffers: in-place updates, re-assignments, new ones."""
+def buffers_kept(model: nn.Module, *, every: bool = False):
+    """Undo what a forward does to the model's buffers: in-place updates, re-assignments, new ones.
+
+    A buffer is copied back where its version counter moved, or always with `every`: BatchNorm's kernel
+    updates its running statistics in train mode without moving it (the probes never run one so, as the
+    engine refuses BatchNorm in train mode first)."""
     saved = [
         (mod, name, buf, None if buf is None else (buf._version, buf.detach().clone()))
         for mod in model.modules()
@@ -131,7 +135,7 @@ def _buffers_kept(model: nn.Module):
         yield
     finally:
         for mod, name, buf, old in saved:
-            if old is not None and buf._version != old[0]:  # changed in place
+            if old is not None and (every or buf._version != old[0]):  # changed in place
                 buf.copy_(old[1])
             mod._buffers[name] = buf
         for mod in model.modules():

@@ -19,10 +19,13 @@ layer with a rule (each such call uses each of its parameters once). Then one
 call -> the rule's statistics; several calls (tied weights, a layer used twice)
 -> the calls' per-example gradients are materialised and summed, as norms of the
 parts do not add. Otherwise -- no rule, a call the rule cannot take, or a use
-outside the layer's forward such as F.linear(h, self.embed.weight) -- the
-parameter goes to the torch.func fallback -- or, where torch.func cannot vmap the
-model (an RNN, control flow on the data), to one backward per example, with a
-warning once per model.
+outside the layer's forward such as F.linear(h, self.embed.weight), or in the
+loss itself (an L2 term model.fc.weight.square().sum() written into each
+example's loss) -- the parameter goes to the torch.func fallback, which runs the
+loss inside functional_call too -- or, where torch.func cannot vmap the model (an
+RNN, control flow on the data) or the parameter is held through a reference it
+cannot swap (general.DirectRead), to one backward per example, with a warning
+once per model.
 
 Rules assume dim 0 of a layer's input indexes the examples (batch first); a call
 whose dim 0 is not the micro-batch size, whose input is one of the model's
@@ -44,7 +47,6 @@ there are any, the engine records the calls with one of its own put first.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,7 +64,7 @@ from torch.nn.modules.module import (
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example.base import LossFn, check_losses, coupling_candidates, refuse_coupled
 from gns_sweep.per_example.batch_dim import MAX_RUNS, Probes, probe
-from gns_sweep.per_example.general import per_example_grads
+from gns_sweep.per_example.general import first_line, per_example_grads, warn_loop
 from gns_sweep.per_example.layout import TOTAL, ParamLayout
 from gns_sweep.per_example.loop import loop_grads
 from gns_sweep.per_example.rules import Call, ParamStats, Rule, find_rule
@@ -206,7 +208,7 @@ class FastEngine:
                 failed = _fallback(*args, param_moments=param_moments, by_loop=self._by_loop)
                 if failed is not None:  # vmap fails on the model's forward, whichever its parameters: once
                     self._by_loop = True
-                    _warn_loop([layout.names[g] for g in plan.fallback], failed)
+                    warn_loop(self.name, [layout.names[g] for g in plan.fallback], failed)
             return BatchSums(
                 n=n,
                 loss_sum=total.detach(),
@@ -480,21 +482,6 @@ def _lowest_edges(planned: list[_Use]) -> list[GradientEdge]:
     return [u.edge for u in planned if not _reaches(u.x_node, nodes, memo)]
 
 
-def _first_line(error: Exception) -> str:
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return first if len(first) <= 120 else first[:119] + "…"
-
-
-def _warn_loop(names: list[str], error: str) -> None:
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    warnings.warn(
-        f"torch.func cannot take per-example gradients of {shown} ({error}); the fast engine takes them by "
-        "one backward per example instead, which is slow for large micro-batches",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
 def _multi_stats(uses: list[tuple[_Use, str]], param: torch.Tensor, n: int, *, param_moments: bool):
     """Sum the per-example gradients of all calls, in chunks of examples, then square."""
     total, norms, sq_sum = None, [], None
@@ -520,7 +507,8 @@ def _fallback(
     """Per-example gradients of just these groups into `stats`; other parameters are held constant.
 
     torch.func first, unless `by_loop`; where it cannot vmap the model (an RNN, control flow on the data,
-    an autograd.Function without setup_context), one backward per example. Returns torch.func's error, if any."""
+    an autograd.Function without setup_context) or a parameter is used through a reference it cannot swap
+    (general.DirectRead), one backward per example. Returns torch.func's error, if any."""
     sizes = tuple(layout.sizes[g] for g in groups)
     sub = ParamLayout(
         names=tuple(layout.names[g] for g in groups),
@@ -536,7 +524,7 @@ def _fallback(
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 -- the loop below raises whatever is the model's own fault
-            failed = _first_line(e)  # not the exception: its traceback would keep torch.func's frames alive
+            failed = first_line(e)  # not the exception: its traceback would keep torch.func's frames alive
     if by_loop or failed is not None:
         with torch.enable_grad():  # called under no_grad, which torch.func ignores and a loop does not
             flat, _ = loop_grads(model, inputs, targets, loss, sub)

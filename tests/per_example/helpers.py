@@ -36,11 +36,12 @@ def assert_close(a, b, offsets, rtol, scale=None):
         assert err <= rtol * ref, (g, err / ref)
 
 
-def check(model, x, y, loss, *, rtol=1e-9, param_moments=(False, True)):
-    """Compare the fast engine with the loop on every Moments field and on loss_sum."""
+def check(model, x, y, loss, *, rtol=1e-9, param_moments=(False, True), engine=FastEngine):
+    """Compare the fast engine (or a new `engine()` of another kind) with the loop on every Moments field
+    and on loss_sum."""
     layout = param_layout(model)
     for pm in param_moments:
-        fast = batch_moments(FastEngine(), model, x, y, loss, layout, param_moments=pm)
+        fast = batch_moments(engine(), model, x, y, loss, layout, param_moments=pm)
         ref = batch_moments(LoopEngine(), model, x, y, loss, layout, param_moments=pm)
         a, b = fast.moments, ref.moments
         assert a.n == b.n == x.shape[0]

@@ -126,10 +126,10 @@ def test_calls_leave_no_reference_cycles(make):
 
 def test_get_engine_makes_a_new_engine_of_the_named_kind():
     """An engine keeps what it read off a model, so each name gives a new one of its class."""
-    assert set(ENGINES) == {"fast", "general", "loop"}
+    assert set(ENGINES) == {"fast", "general", "loop", "micro-batch"}
     for name, cls in ENGINES.items():
         engine = get_engine(name)
         assert type(engine) is cls and engine.name == name
         assert get_engine(name) is not engine
-    with pytest.raises(UsageError, match=r"unknown engine 'fastest'; choose one of: fast, general, loop"):
+    with pytest.raises(UsageError, match=r"unknown engine 'fastest'; choose one of: fast, general, loop, micro-batch"):
         get_engine("fastest")
