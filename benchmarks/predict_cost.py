@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -102,13 +103,15 @@ def main() -> None:
     parser.add_argument("--task", default="blobs-noisy")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--probe-size", type=int, default=None, help="predict's (default: its own)")
-    parser.add_argument("--shards", type=int, default=4, help="predict's shards per checkpoint")
+    parser.add_argument("--shards", type=int, default=None, help="predict's shards per checkpoint (default: its own)")
     parser.add_argument("--skip-sweep", action="store_true", help="time predict only")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the driver's reference run, like a 1-CPU worker: no idle spinning threads
     address, tmp = start_head(args.num_cpus)
-    pconfig = PredictConfig(task=args.task, probe_size=args.probe_size, shards=args.shards)
+    pconfig = PredictConfig(task=args.task, probe_size=args.probe_size)
+    if args.shards is not None:
+        pconfig = replace(pconfig, shards=args.shards)
     try:
         with Cluster(ClusterConfig(address=address)) as cluster, tempfile.TemporaryDirectory() as out:
             time.sleep(2.0)  # let the cluster settle before counting
@@ -132,7 +135,10 @@ def main() -> None:
     finally:
         stop_head(tmp)
     probe = pconfig.probe_size or "default"
-    print(f"task {args.task}, {args.num_cpus} Ray CPUs, predict probe {probe} x {args.shards} shards")
+    print(
+        f"task {args.task}, {args.num_cpus} Ray CPUs, predict: {pconfig.checkpoints} checkpoints, probe {probe} "
+        f"x {pconfig.shards} shards"
+    )
     for name, (cpu, driver, wall, _) in (("predict, cold", cold), ("predict, warm", warm)):
         print(f"{name}: {cpu:.1f} CPU-s ({driver:.1f} in the driver), {wall:.1f} s wall")
     if sweep is not None:
