@@ -27,6 +27,7 @@ def empirical(
     overwrite: o.Overwrite = False,
     address: o.Address = None,
     num_cpus: o.NumCpus = None,
+    max_retries: o.MaxRetries = o.E.max_retries,
     as_json: o.AsJson = False,
 ) -> None:
     """Measure steps-to-target over batch sizes x learning rates x seeds (the input of `compare`)."""

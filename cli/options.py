@@ -37,6 +37,13 @@ NumCpus = Annotated[
     int | None, typer.Option("--num-cpus", help="CPUs of the local Ray instance (default: all).", min=1)
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary instead of tables.")]
+MaxRetries = Annotated[
+    int,
+    typer.Option(
+        "--max-retries",
+        help="Re-runs of a Ray task whose worker process or node dies (an error in the task's own code is not re-run).",
+    ),
+]
 
 # --- predict ---------------------------------------------------------------------------------------
 ProbeSize = Annotated[

@@ -32,6 +32,7 @@ def predict(
     overwrite: o.Overwrite = False,
     address: o.Address = None,
     num_cpus: o.NumCpus = None,
+    max_retries: o.MaxRetries = o.P.max_retries,
     as_json: o.AsJson = False,
 ) -> None:
     """Predict the critical batch size: B_simple = tr(Sigma)/|G|^2 from per-example gradients."""
@@ -62,6 +63,7 @@ def summary(r: PredictResult) -> dict:
             "layers": [asdict(f) for f in r.layer_flags],
             "noise_table": [asdict(n) for n in noise_table(r.headline.b_simple)],
             "snr_histogram": {"edges": list(r.snr_edges), "counts": list(r.snr_counts)},
+            "checkpoint_node_ids": [list(ids) for ids in r.node_ids],
             "rows": [asdict(row) for row in r.rows],
         }
     )
@@ -82,6 +84,8 @@ def render(r: PredictResult) -> None:
     render_layers(r)
     render_snr(r)
     render_headline(r)
+    nodes = sorted({n for ids in r.node_ids for n in ids})
+    out.print(f"shards ran on {len(nodes)} Ray node(s): {', '.join(n[:12] for n in nodes)}")
     if r.out is not None:
         out.print(f"wrote {r.out.predict}")
 

@@ -45,6 +45,7 @@ def run(
     overwrite: o.Overwrite = False,
     address: o.Address = None,
     num_cpus: o.NumCpus = None,
+    max_retries: o.MaxRetries = o.E.max_retries,
     as_json: o.AsJson = False,
 ) -> None:
     """predict + empirical + compare on one task: is B_simple a good guess of the measured B_crit?"""

@@ -1,18 +1,22 @@
-"""The only module that imports Ray: connect or start, submit, wait, progress, cancel.
+"""The only module that imports Ray: connect or start, submit, wait, retry, progress, cancel.
 
-A local instance binds to 127.0.0.1 only and runs no dashboard unless asked.
-Library functions run on workers unchanged: they receive a `WorkerInfo`
-(device, node, threads) and return plain data.
+A local instance is private to the command: started whatever RAY_ADDRESS or Ray's
+records say, bound to 127.0.0.1 only, no dashboard. Joining a cluster follows its
+authentication: a token exactly when its GCS asks for one. Library functions run on
+workers unchanged: they receive a `WorkerInfo` (device, node, threads) and return
+plain data. A task whose worker process or node dies is run again (Ray's retries);
+one whose own code raises is not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,13 +27,17 @@ from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 # Ray binds to the machine's routable address unless this is off; checked at
 # import time by Ray and read again when a node starts, so set it early.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_AUTH_MODE_ENV = "RAY_AUTH_MODE"  # "token" or "disabled": how this process's Ray calls authenticate
+DEFAULT_MAX_RETRIES = 3  # re-runs of a task whose worker process or node died
+# While asking a GCS whether it wants a token: give up on a port that is not Ray's in ~6 s, not Ray's 40.
+_PROBE_TIMEOUTS = {"RAY_py_gcs_connect_timeout_s": "3", "RAY_gcs_rpc_server_connect_timeout_s": "2"}
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     """Where the Ray work runs."""
 
-    address: str | None = None  # existing cluster ("host:port" or "auto"); None starts a local instance
+    address: str | None = None  # "host:port" or "auto" joins a running cluster; None starts a private local one
     num_cpus: int | None = None  # CPUs of a local instance (default: all)
 
 
@@ -46,9 +54,21 @@ class WorkerInfo:
 class Resources:
     """What one task asks of the cluster."""
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_retries: int = 0  # retries if the worker process dies
+    num_cpus: float = 1.0  # Ray CPUs (and torch threads)
+    num_gpus: float = 0.0  # Ray GPUs (> 0: the task runs on cuda)
+    max_retries: int = DEFAULT_MAX_RETRIES  # re-runs if its worker process or node dies (not for its own error)
+
+
+class TaskFailed(Exception):
+    """Raised on a worker when the task's own code raised: Ray does not retry it, and the driver
+    learns the message (one line) and where it ran. Known errors (GnsError) travel as themselves."""
+
+    def __init__(self, message: str, worker: WorkerInfo, error: GnsError | None = None) -> None:
+        super().__init__(message, worker, error)  # the args rebuild it after pickling
+        self.message, self.worker, self.error = message, worker, error
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -58,11 +78,17 @@ class Cluster:
     config: ClusterConfig = field(default_factory=ClusterConfig)
     started_local: bool = False
     _sigterm: Any = field(default=None, repr=False)  # the SIGTERM handler to restore on exit
+    _auth_mode: str | None = field(default=None, repr=False)  # RAY_AUTH_MODE before connecting, restored on exit
 
     def __enter__(self) -> Cluster:
         on_main = threading.current_thread() is threading.main_thread()
         self._sigterm = signal.getsignal(signal.SIGTERM) if on_main else None  # before ray.init adds its own
-        connect(self)
+        self._auth_mode = os.environ.get(_AUTH_MODE_ENV)
+        try:
+            connect(self)
+        except BaseException:
+            self.__exit__()
+            raise
         if on_main:
             _stop_on_sigterm()
         return self
@@ -72,6 +98,7 @@ class Cluster:
 
         if ray.is_initialized():
             ray.shutdown()
+        _set_auth_mode(self._auth_mode)  # the next connection (same process) decides afresh
         if self._sigterm is not None:
             signal.signal(signal.SIGTERM, self._sigterm)
 
@@ -95,22 +122,26 @@ class Cluster:
         stage: str = "tasks",
         progress: ProgressFn = no_progress,
         on_result: Callable[[int, Any, WorkerInfo], None] | None = None,
-        on_error: Callable[[int, BaseException], None] | None = None,
+        on_error: Callable[[int, GnsError, WorkerInfo | None], None] | None = None,
     ) -> list[Any]:
         """Run fn(**call, worker=...) for every call as a Ray task; results in call order.
 
-        on_result(i, result, worker) fires as each task finishes (write it to disk
-        there). Without on_error the first failure cancels the rest and raises;
-        with it, failures are reported and their result slot is None.
+        on_result(i, result, worker) fires once per call as it finishes (write it to disk there),
+        however often Ray re-ran it. Without on_error the first failure cancels the rest and raises;
+        with it, on_error(i, error, worker or None) reports each failure and its slot stays None.
         """
         import ray
 
         self.check_resources(resources)
         remote = ray.remote(_run_on_worker).options(
-            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=resources.max_retries
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            max_retries=resources.max_retries,
+            retry_exceptions=False,  # the task's own exception would only repeat
         )
         threads = max(1, int(resources.num_cpus))
-        pending = {remote.remote(fn, threads, call): i for i, call in enumerate(calls)}
+        # handles as top-level arguments: Ray fetches them before the task starts
+        pending = {remote.remote(fn, threads, tuple(call), *call.values()): i for i, call in enumerate(calls)}
         results: list[Any] = [None] * len(calls)
         done = failed = 0
         total = len(calls)
@@ -122,12 +153,12 @@ class Cluster:
                     i = pending.pop(ref)
                     try:
                         value, worker = ray.get(ref)
-                    except Exception as exc:  # a task's own failure
-                        cause = _unwrap(exc)
+                    except Exception as exc:
+                        error, where = _failure(exc, resources.max_retries)
                         if on_error is None:
-                            raise cause from None
+                            raise error from None
                         failed += 1
-                        on_error(i, cause)
+                        on_error(i, error, where)
                     else:
                         results[i] = value
                         if on_result is not None:
@@ -179,43 +210,88 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
+# --- connecting -------------------------------------------------------------------------------------
+
+
 def connect(cluster: Cluster) -> None:
-    """Connect to cluster.config.address, or start a loopback-only local instance."""
+    """Start a private local instance (no address), or join the cluster at the address."""
     import ray
 
     cfg = cluster.config
     if ray.is_initialized():
         ray.shutdown()
-    if cfg.address is None or _is_loopback(cfg.address):
-        # Otherwise Ray swaps 127.0.0.1 for the machine's routable address:
-        # a local instance would listen on every interface, and a driver could
-        # not reach a loopback-only cluster.
-        os.environ[_LOOPBACK_ENV] = "0"
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
     if cfg.address is None:
-        # Say it explicitly (Ray 2.60 already skips usage reports for ray.init clusters): nothing
-        # leaves this machine by accident.
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            include_dashboard=False,  # nothing listens beyond what the work needs
-            dashboard_host="127.0.0.1",
-            logging_level=logging.ERROR,
-            log_to_driver=False,
-        )
+        _start_local(cfg.num_cpus)
         cluster.started_local = True
         return
-    _check_reachable(cfg.address)
-    _use_saved_token()
+    address, found = _resolve(cfg.address)
+    if _is_loopback(address):
+        _loopback_only()  # a driver could not reach a loopback-only cluster from the routable address
+    _check_reachable(address, found)
+    _follow_auth(address, found)
     try:
-        ray.init(address=cfg.address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=_runtime_env())
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=_runtime_env())
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(
-            f"cannot connect to the Ray cluster at --address {cfg.address!r}: {exc}; "
+            f"cannot connect to the Ray cluster at --address {found}: {exc}; "
             "check the address printed by `ray start --head`, or drop --address to run locally"
         ) from None
+
+
+def _start_local(num_cpus: int | None) -> None:
+    """A new instance for this command alone: address "local" makes ray.init ignore RAY_ADDRESS
+    and the record of the last `ray start`, which may name a cluster long gone."""
+    import ray
+
+    _loopback_only()  # otherwise Ray listens on the machine's routable address
+    # Say it explicitly (Ray 2.60 already skips usage reports for ray.init clusters): nothing
+    # leaves this machine by accident.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,  # nothing listens beyond what the work needs
+        dashboard_host="127.0.0.1",
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
+
+
+def _loopback_only() -> None:
+    os.environ[_LOOPBACK_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _resolve(address: str) -> tuple[str, str]:
+    """(host:port, how to name it in messages). "auto" is RAY_ADDRESS, else the cluster `ray start` last
+    recorded on this machine, else a running one (as Ray resolves it); messages say which, so a stale
+    record can be found."""
+    if address != "auto":
+        return address, repr(address)
+    from ray._private import services, utils
+
+    quiet = logging.getLogger(services.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning about several clusters; the chosen one is named below
+    try:
+        # as written (Ray's canonical form would swap 127.0.0.1 for the routable address)
+        found = services.get_ray_address_from_environment("auto", None)
+    except ConnectionError as exc:
+        raise UsageError(
+            f"--address auto found no running Ray cluster ({exc}); start one with `ray start --head`, "
+            "give its host:port, or drop --address to run locally"
+        ) from None
+    finally:
+        quiet.setLevel(level)
+    if os.environ.get("RAY_ADDRESS"):
+        source = "RAY_ADDRESS"
+    elif utils.read_ray_address():
+        source = f"the record of the last `ray start`, {utils.get_ray_address_file(None)}"
+    else:
+        source = "a running Ray process"
+    return found, f"'auto' = {found} (found in {source})"
 
 
 def _runtime_env() -> dict | None:
@@ -225,64 +301,177 @@ def _runtime_env() -> dict | None:
     return {"env_vars": {"PYTHONPATH": path}} if path else None
 
 
-def _use_saved_token() -> None:
-    """Send the token `ray start` saved (~/.ray/auth_token), as `ray start` itself does;
-    without it a driver is refused by a token-protected cluster after a long retry."""
-    try:
-        from ray._private.authentication import authentication_token_setup as auth
-
-        logging.getLogger(auth.__name__).setLevel(logging.ERROR)
-        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    except (ImportError, AttributeError):  # older Ray: no token auth
-        pass
-
-
 def _is_loopback(address: str) -> bool:
     host = address.removeprefix("ray://").rpartition(":")[0]
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
-def _check_reachable(address: str, timeout: float = 3.0) -> None:
+def _check_reachable(address: str, found: str, timeout: float = 3.0) -> None:
     """Fail in seconds, not minutes, when nothing listens at host:port."""
-    if address == "auto" or address.startswith("ray://"):
+    if address.startswith("ray://"):
         return
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise UsageError(f"--address {address!r} is not host:port (e.g. 127.0.0.1:6379) or 'auto'")
+        raise UsageError(f"--address {found} is not host:port (e.g. 127.0.0.1:6379) or 'auto'")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as exc:
         raise UsageError(
-            f"cannot reach a Ray cluster at --address {address!r} ({exc.strerror or exc}); start one with "
+            f"cannot reach a Ray cluster at --address {found}: {exc.strerror or exc}; start one with "
             "`ray start --head` and pass the address it prints, or drop --address to run locally"
         ) from None
 
 
-def _run_on_worker(fn: Callable[..., Any], threads: int, call: dict[str, Any]) -> tuple[Any, WorkerInfo]:
+# --- authentication -----------------------------------------------------------------------------------
+
+
+def _follow_auth(address: str, found: str) -> None:
+    """Send a token exactly when the cluster wants one. A driver that sends one to a tokenless
+    cluster also demands one from its nodes, which then cannot fetch the objects it owns; one
+    that sends none (or a wrong one) to a token cluster is refused. So ask the GCS first."""
+    if address.startswith("ray://"):  # Ray Client: the server's side connects
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+    except ImportError:  # older Ray: no token authentication
+        return
+    _set_auth_mode("disabled")
+    if _gcs_accepts(address, found):
+        return
+    _set_auth_mode("token")
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise UsageError(
+            f"the Ray cluster at --address {found} requires a token and this machine has none; copy the "
+            "head node's token (`ray get-auth-token` there) to ~/.ray/auth_token, or set RAY_AUTH_TOKEN"
+        )
+    if not _gcs_accepts(address, found):
+        raise UsageError(
+            f"the Ray cluster at --address {found} refused the token from {_token_source()}; use the head "
+            "node's token (`ray get-auth-token` there)"
+        )
+
+
+def _set_auth_mode(mode: str | None) -> None:
+    """Set this process's Ray authentication mode (None: Ray's default) and make Ray read it again."""
+    if mode is None:
+        os.environ.pop(_AUTH_MODE_ENV, None)
+    else:
+        os.environ[_AUTH_MODE_ENV] = mode
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _gcs_accepts(address: str, found: str) -> bool:
+    """Whether the GCS answers a request made in this process's current authentication mode."""
+    from ray._raylet import Config, GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _env(_PROBE_TIMEOUTS), _quiet_stderr():
+            Config.initialize("")
+            GcsClient(address=address).internal_kv_get(b"gns_sweep_probe", None, timeout=5)
+        return True
+    except AuthenticationError:
+        return False
+    except Exception as exc:  # reachable, but not a Ray GCS (or not answering)
+        raise UsageError(
+            f"--address {found} answers but not as a Ray cluster ({type(exc).__name__}: {exc}); "
+            "give the address printed by `ray start --head`"
+        ) from None
+    finally:
+        Config.initialize("")  # Ray's own timeouts again
+
+
+def _token_source() -> str:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return os.environ["RAY_AUTH_TOKEN_PATH"]
+    return "~/.ray/auth_token"
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Ray's C++ client logs each refused attempt to fd 2; the caller reports the outcome in one line."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# --- on the worker, and back ------------------------------------------------------------------------
+
+
+def _run_on_worker(fn: Callable[..., Any], threads: int, names: tuple[str, ...], *values: Any) -> tuple:
+    """fn(**call, worker=...), with any exception of its own turned into TaskFailed (not retried)."""
     import ray
     import torch
 
     torch.set_num_threads(threads)
     keep_freed_memory()  # workers only run gns-sweep's loops: reuse freed tensors instead of page-faulting
-    # Shared objects travel as handles inside the call; fetch them here (cached per node).
-    call = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in call.items()}
     device = "cuda" if ray.get_gpu_ids() else "cpu"
     worker = WorkerInfo(device=device, node_id=ray.get_runtime_context().get_node_id(), threads=threads)
-    return fn(**call, worker=worker), worker
+    try:
+        _check_device(worker)
+        return fn(**dict(zip(names, values, strict=True)), worker=worker), worker
+    except Exception as exc:
+        known = exc if isinstance(exc, GnsError) else None
+        message = " ".join(str(exc).split())  # one line, for a table cell and the terminal
+        raise TaskFailed(message if known else f"{type(exc).__name__}: {message}", worker, known) from None
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """A task's own exception, not Ray's wrapper; known errors keep their type."""
+def _check_device(worker: WorkerInfo) -> None:
+    """A task given a GPU trains on it or fails: never on the CPU while a GPU sits reserved."""
+    import torch
+
+    if worker.device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise RunError(
+            f"Ray gave this task a GPU on node {worker.node_id}, but torch there ({torch.__version__}, {build}) "
+            "sees no CUDA device; install a CUDA torch and driver on that node, or start it without --num-gpus"
+        )
+
+
+def _failure(exc: BaseException, retries: int) -> tuple[GnsError, WorkerInfo | None]:
+    """The error to report for a task that did not return, and where it ran if known."""
     import ray
 
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, GnsError):
-            return cause
-        if cause is not None:
-            return RunError(f"a task failed: {type(cause).__name__}: {cause}")
-    return RunError(f"a task failed: {type(exc).__name__}: {exc}")
+        if isinstance(cause, TaskFailed):
+            return (cause.error or RunError(cause.message)), cause.worker
+        if cause is not None:  # raised before the task's code ran, e.g. its arguments did not unpickle
+            return RunError(f"a task failed: {type(cause).__name__}: {_first_line(cause)}"), None
+    # Ray's own failure: the worker process or node died on every try, or an object was lost
+    tries = "with --max-retries 0" if retries == 0 else f"on each of its {retries + 1} tries"
+    return RunError(f"{type(exc).__name__} {tries}: {_first_line(exc)}"), None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _cancel(pending: dict) -> None:

@@ -17,6 +17,7 @@ from gns_sweep.tasks import Task
 REACHED = "reached"
 BUDGET = "budget"
 DIVERGED = "diverged"
+FAILED = "failed"  # a sweep trial whose own code raised: recorded with its error, never measured
 
 EVAL_RESOLUTION = 0.02  # the step of first reaching the target is known to within 2%
 DENSE_EVAL_STEPS = 50  # evaluate every step up to here (2% of 50 is one step)

@@ -1,5 +1,7 @@
 """User-style task modules for the `--task package.module:attr` tests."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -78,3 +80,34 @@ def separable_without_target():
         loss=lambda out, t: nn.functional.cross_entropy(out, t, reduction="none"),
         batch_sizes=(8, 16, 32, 64, 128, 256, 512),
     )
+
+
+def frozen():
+    """A model whose parameters all have requires_grad off: nothing to train, refused up front."""
+
+    def build():
+        model = nn.Linear(3, 1)
+        model.requires_grad_(False)
+        return model
+
+    return gns_sweep.Task(**{**identical().__dict__, "name": "frozen", "build_model": build})
+
+
+def nan_inputs():
+    """A NaN in one training example: refused when the Task is made, not found deep inside training."""
+    x = identical().train_inputs.clone()
+    x[5, 1] = float("nan")
+    return gns_sweep.Task(**{**identical().__dict__, "name": "nan-inputs", "train_inputs": x})
+
+
+def fails_at_batch_16():
+    """A user's loss that raises on training batches of 16 while the file named by GNS_TEST_FAIL_FLAG
+    exists: those trials fail in their own code, the others run; deleting the file fixes the cause."""
+    flag = os.environ.get("GNS_TEST_FAIL_FLAG", "")
+
+    def loss(out, y):
+        if out.shape[0] == 16 and flag and os.path.exists(flag):
+            raise ValueError("the user's loss refuses batches of 16")
+        return _mse(out, y)
+
+    return gns_sweep.Task(**{**identical().__dict__, "name": "fails-at-16", "loss": loss})

@@ -1,8 +1,12 @@
 """`gns-sweep predict` and `gns-sweep tasks` through the CLI: outputs and every input error."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +58,9 @@ def assert_usage_error(result, *fragments):
         (["--warmup-steps", "20000"], ["--warmup-steps 20000", "16384 steps"]),
         (["--task", "example_tasks:mean_loss"], ["returned shape ()", "one loss per example"]),
         (["--task", "example_tasks:batchnorm"], ["layer '1' (BatchNorm1d) couples the examples"]),
+        (["--task", "example_tasks:frozen"], ["task 'frozen'", "no trainable parameters", "requires_grad"]),
+        (["--task", "example_tasks:nan_inputs"], ["train_inputs holds NaN or infinite values", "example 5"]),
+        (["--max-retries=-1"], ["--max-retries -1", ">= 0"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, fragments):
@@ -166,8 +173,18 @@ def test_tasks_lists_builtins():
         assert name in result.output
 
 
+def _stale_ray_records() -> tuple[dict[str, str], str]:
+    """An environment whose RAY_ADDRESS and record of the last `ray start` name a cluster long gone
+    (in a private RAY_TMPDIR: the machine's own /tmp/ray is left alone). Returns (env, temp dir)."""
+    tmp = tempfile.mkdtemp(prefix="gnsrt-")  # short: a local instance puts its sockets under it
+    (Path(tmp) / "ray").mkdir()
+    (Path(tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    return {**os.environ, "RAY_TMPDIR": tmp, "RAY_ADDRESS": "127.0.0.1:1"}, tmp
+
+
 def test_local_ray_instance_from_a_shell(tmp_path):
-    """No --address: a local Ray instance starts on 127.0.0.1 only, without a dashboard, and stops."""
+    """No --address: a private local Ray instance starts, whatever RAY_ADDRESS or a stale record of the
+    last `ray start` say, on 127.0.0.1 only, without a dashboard, and stops."""
     out = tmp_path / "local"
     script = f"""
 import os, sys, threading, time
@@ -193,7 +210,11 @@ finally:
 print("LISTEN", sorted(seen))
 print("LEFT", sorted(descendants(os.getpid()) - {{os.getpid()}}))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    env, tmp = _stale_ray_records()
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     lines = {
         ln.split(" ", 1)[0]: eval(ln.split(" ", 1)[1])
@@ -205,6 +226,32 @@ print("LEFT", sorted(descendants(os.getpid()) - {{os.getpid()}}))
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for ip, _ in listening), listening
     assert all(port != 8265 for _, port in listening)  # no dashboard
     assert (out / "predict.parquet").exists()
+
+
+def test_address_auto_names_a_dead_ray_address_within_seconds(tmp_path):
+    env, tmp = _stale_ray_records()
+    out = tmp_path / "auto"
+    try:
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "gns_sweep_cli", "predict", *SMALL, "--address", "auto", "--out", str(out)],
+            capture_output=True, text=True, timeout=120, env=env, check=False,
+        )  # fmt: skip
+        took = time.monotonic() - start
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--address 'auto' = 127.0.0.1:1 (found in RAY_ADDRESS): " in lines[0], proc.stderr
+    assert took < 30 and not out.exists()
+
+
+def test_address_auto_joins_the_cluster_in_ray_address(tmp_path, ray_address, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    tiny = ["--task", "linreg", "--probe-size", "128", "--checkpoints", "1", "--warmup-steps", "0"]
+    result = invoke("predict", *tiny, "--address", "auto", "--out", tmp_path / "auto", "--json")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "auto" / "predict.parquet").exists()
 
 
 def test_gpus_the_cluster_lacks_are_a_usage_error(tmp_path, ray_address):

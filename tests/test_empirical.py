@@ -99,6 +99,9 @@ def test_resume_after_sigkill_completes_without_duplicates(ray_address, tmp_path
         (["--gpus-per-trial", "nan"], "--gpus-per-trial nan"),
         (["--cpus-per-trial", "nan"], "--cpus-per-trial nan"),
         (["--task", "example_tasks:nan_target"], "target_loss must be a finite number"),
+        (["--task", "example_tasks:frozen", "--batch-sizes", "8,16"], "has no trainable parameters"),
+        (["--task", "example_tasks:nan_inputs"], "train_inputs holds NaN or infinite values in 1 example(s)"),
+        (["--max-retries=-1"], "--max-retries -1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
@@ -109,6 +112,43 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_trial_whose_own_code_raises_is_recorded_and_resume_runs_it_again(ray_address, tmp_path, monkeypatch):
+    """The batch-16 trials fail in the user's loss (not retried); the others finish; exit 1 names the
+    failures; the failed trials are in trials.parquet with their error; --resume runs just those again."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    flag = tmp_path / "loss-is-broken"
+    flag.write_text("")
+    monkeypatch.setenv("GNS_TEST_FAIL_FLAG", str(flag))
+    out = tmp_path / "flaky"
+    args = [
+        "empirical", "--task", "example_tasks:fails_at_batch_16", "--batch-sizes", "8,16", "--lrs", "0.1",
+        "--seeds", "2", "--budget-examples", "160", "--target-loss", "0.01", "--out", str(out),
+        "--address", ray_address,
+    ]  # fmt: skip
+    first = invoke(*args)
+    assert first.exit_code == 1, first.output
+    last = first.output.strip().splitlines()[-1]
+    assert last.startswith("error: 2 of 4 trials failed (b16-lr0.1-s0, b16-lr0.1-s1)"), last
+    assert "ValueError: the user's loss refuses batches of 16" in last and "--resume" in last
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert len(trials) == 4
+    failed = trials[trials.batch_size == 16]
+    assert (failed.status == "failed").all() and (
+        failed.error == "ValueError: the user's loss refuses batches of 16"
+    ).all()
+    assert failed.node_id.notna().all()  # where it failed
+    assert trials[trials.batch_size == 8].error.isna().all()
+    assert read_rows(SweepDir(out).trial("b16-lr0.1-s0"))[0]["status"] == "failed"  # its own file says so too
+
+    flag.unlink()  # the cause, fixed
+    again = invoke(*args, "--resume")
+    assert again.exit_code == 0, again.output
+    assert "2 already on disk" in again.output
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert len(trials) == 4 and trials.trial_id.is_unique
+    assert (trials.status != "failed").all() and trials.error.isna().all()
 
 
 def test_missing_gpu_is_a_usage_error_not_a_hang(ray_address, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gns_sweep import __version__
+from gns_sweep.runtime import DEFAULT_MAX_RETRIES
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class EmpiricalConfig:
     target_loss: float | None = None  # None: the task's target, or a pilot's
     cpus_per_trial: float = 1.0  # Ray CPUs per trial (and its torch threads)
     gpus_per_trial: float = 0.0  # Ray GPUs per trial (> 0: the trial trains on cuda)
+    max_retries: int = DEFAULT_MAX_RETRIES  # re-runs of a trial whose worker process or node dies (not recorded)
 
 
 @dataclass(frozen=True)

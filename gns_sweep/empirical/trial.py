@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from gns_sweep.empirical.config import TrialSpec
 from gns_sweep.runtime import WorkerInfo
 from gns_sweep.tasks import Task
-from gns_sweep.train import TrainConfig, train
+from gns_sweep.train import FAILED, TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class TrialRecord:
     batch_size: int
     lr: float
     seed: int
-    status: str  # reached, budget or diverged
+    status: str  # reached, budget, diverged or failed
     steps: int
     steps_to_target: int | None
     examples_to_target: int | None
@@ -33,12 +33,13 @@ class TrialRecord:
     budget_examples: int
     wall_seconds: float
     cpu_seconds: float
-    node_id: str
-    device: str
+    node_id: str | None  # None: a failed trial that never reached a worker
+    device: str | None
     update_ratio_max: float
     update_ratios: str  # JSON {parameter: ||lr*grad||/||w||}
     curve_steps: tuple[int, ...]
     curve_losses: tuple[float, ...]
+    error: str | None = None  # why a failed trial failed (one line); None otherwise
 
 
 def run_trial(
@@ -72,4 +73,36 @@ def run_trial(
         update_ratios=json.dumps(r.update_ratios),
         curve_steps=r.curve_steps,
         curve_losses=r.curve_losses,
+    )
+
+
+def failed_record(
+    *, task: str, trial: TrialSpec, target_loss: float, budget_examples: int, error: str, worker: WorkerInfo | None
+) -> TrialRecord:
+    """A trial whose own code raised: its row says so, with the error and where it ran; nothing measured."""
+    nan = math.nan
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        task=task,
+        batch_size=trial.batch_size,
+        lr=trial.lr,
+        seed=trial.seed,
+        status=FAILED,
+        steps=0,
+        steps_to_target=None,
+        examples_to_target=None,
+        target_loss=target_loss,
+        initial_eval_loss=nan,
+        final_eval_loss=nan,
+        best_eval_loss=nan,
+        budget_examples=budget_examples,
+        wall_seconds=nan,
+        cpu_seconds=nan,
+        node_id=worker.node_id if worker else None,
+        device=worker.device if worker else None,
+        update_ratio_max=nan,
+        update_ratios="{}",
+        curve_steps=(),
+        curve_losses=(),
+        error=error,
     )

@@ -6,7 +6,8 @@ import math
 
 from gns_sweep.empirical.config import EmpiricalConfig
 from gns_sweep.errors import UsageError
-from gns_sweep.tasks import Task
+from gns_sweep.tasks import Task, check_trainable
+from gns_sweep.train import init_model
 
 
 def validate(config: EmpiricalConfig, task: Task) -> None:
@@ -45,3 +46,6 @@ def validate(config: EmpiricalConfig, task: Task) -> None:
         raise UsageError(f"--cpus-per-trial {config.cpus_per_trial:g} must be a number > 0")
     if not (math.isfinite(config.gpus_per_trial) and config.gpus_per_trial >= 0):
         raise UsageError(f"--gpus-per-trial {config.gpus_per_trial:g} must be a number >= 0 (0: CPU only)")
+    if config.max_retries < 0:
+        raise UsageError(f"--max-retries {config.max_retries}: must be >= 0 (0: a trial whose worker dies fails)")
+    check_trainable(task, init_model(task, seed=0))  # before the plan's stability probe trains it

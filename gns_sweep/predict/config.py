@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from gns_sweep import __version__
 from gns_sweep.per_example import DEFAULT_ENGINE
+from gns_sweep.runtime import DEFAULT_MAX_RETRIES
 
 DEFAULT_PROBE = 512  # probe examples per checkpoint when the task has that many
 ESTIMATOR = "per-example"
@@ -27,8 +28,14 @@ class PredictConfig:
     max_batch: int = 256  # micro-batch size inside a shard: bounds peak memory
     cpus_per_shard: float = 1.0  # Ray CPUs per shard task (and its torch threads)
     gpus_per_shard: float = 0.0  # Ray GPUs per shard task (> 0: the shard runs on cuda)
+    max_retries: int = DEFAULT_MAX_RETRIES  # re-runs of a shard whose worker process or node dies (not recorded)
+
+
+# How the work is run, not what it computes: left out of the settings a file records and compares.
+RUN_ONLY = ("max_retries",)
 
 
 def settings(config: PredictConfig) -> dict:
     """What predict.parquet records, and what --resume compares."""
-    return {"command": "predict", "version": __version__, **asdict(config)}
+    kept = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
+    return {"command": "predict", "version": __version__, **kept}

@@ -23,7 +23,7 @@ from gns_sweep.progress import ProgressFn, no_progress
 from gns_sweep.results import Headline, ScopeRow, headline
 from gns_sweep.runtime import Cluster, Resources
 from gns_sweep.storage import (
-    PREDICT_SCHEMA,
+    PREDICT_FILE_SCHEMA,
     SweepDir,
     check_output,
     read_rows,
@@ -57,6 +57,7 @@ class PredictResult:
     noisiest_layer: str | None  # layer with the largest B_simple (or lower bound) at the last checkpoint
     snr_edges: tuple[float, ...]  # 11 edges of the per-parameter SNR histogram (last checkpoint)
     snr_counts: tuple[int, ...]  # 10 counts
+    node_ids: tuple[tuple[str, ...], ...] = ()  # per checkpoint: the Ray nodes that ran its shards
     out: SweepDir | None = field(default=None)
 
 
@@ -107,7 +108,7 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
     """The reference run, then every checkpoint's probe on the cluster, all checkpoints at once;
     predict.parquet is rewritten as each checkpoint completes."""
     task, config = job.task, job.config
-    resources = Resources(num_cpus=config.cpus_per_shard, num_gpus=config.gpus_per_shard)
+    resources = Resources(config.cpus_per_shard, config.gpus_per_shard, max_retries=config.max_retries)
     cluster.check_resources(resources)  # fail before any work
     ref, snapshots = reference_run(
         task, seed=config.seed, warmup_steps=config.warmup_steps, checkpoints=config.checkpoints, progress=progress
@@ -132,9 +133,9 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
         resources=resources,
         stage=f"{len(ref.checkpoint_steps)} checkpoints x {len(work)} shards",
         progress=progress,
-        on_result=lambda i, pieces, worker: gather.add(*owner[i], pieces),
+        on_result=lambda i, pieces, worker: gather.add(*owner[i], pieces, worker.node_id),
     )
-    return _result(job, ref, gather.rows(), st.snr(gather.last_total))
+    return _result(job, ref, gather, st.snr(gather.last_total))
 
 
 class _Gather:
@@ -143,12 +144,14 @@ class _Gather:
     def __init__(self, job: PredictJob, ref: ReferenceRun, layout: ParamLayout, n_blocks: int, *, shards: int):
         self.job, self.ref, self.layout, self.n_blocks, self.shards = job, ref, layout, n_blocks, shards
         self.pieces: dict[int, dict[int, list[Piece]]] = {}  # checkpoint -> shard -> its pieces
+        self.nodes: dict[int, dict[int, str]] = {}  # checkpoint -> shard -> the node that ran it
         self.done: dict[int, list[ScopeRow]] = {}
         self.last_total: st.Moments | None = None
 
-    def add(self, c: int, k: int, pieces: list[Piece]) -> None:
+    def add(self, c: int, k: int, pieces: list[Piece], node_id: str) -> None:
         got = self.pieces.setdefault(c, {})
-        got[k] = pieces
+        got[k] = pieces  # by shard: a shard Ray ran twice still counts once
+        self.nodes.setdefault(c, {})[k] = node_id
         if len(got) < self.shards:
             return
         # shards finish in any order: merge in example order, so the result does not depend on it
@@ -164,17 +167,25 @@ class _Gather:
         if c == len(self.ref.checkpoint_steps) - 1:
             self.last_total = total
         if self.job.out is not None:
-            write_rows(self.job.out, self.rows(), self.job.config)
+            write_rows(self.job.out, self.rows(), self.node_ids(), self.job.config)
 
     def rows(self) -> list[ScopeRow]:
         return [r for c in sorted(self.done) for r in self.done[c]]
 
+    def node_ids(self) -> dict[int, tuple[str, ...]]:
+        """Per finished checkpoint: the nodes that ran its shards, sorted."""
+        return {c: tuple(sorted(set(self.nodes[c].values()))) for c in sorted(self.done)}
 
-def write_rows(out: SweepDir, rows: list[ScopeRow], config: PredictConfig) -> None:
-    write_table(out.predict, [asdict(r) for r in rows], PREDICT_SCHEMA, settings(config))
+
+def write_rows(
+    out: SweepDir, rows: list[ScopeRow], node_ids: dict[int, tuple[str, ...]], config: PredictConfig
+) -> None:
+    table = [{**asdict(r), "node_ids": list(node_ids.get(r.checkpoint, ()))} for r in rows]
+    write_table(out.predict, table, PREDICT_FILE_SCHEMA, settings(config))
 
 
-def _result(job: PredictJob, ref: ReferenceRun, rows: list[ScopeRow], last_snr) -> PredictResult:
+def _result(job: PredictJob, ref: ReferenceRun, gather: _Gather, last_snr) -> PredictResult:
+    rows = gather.rows()
     edges_, counts = snr_histogram(last_snr)
     flags, noisiest = layer_flags(rows, ref.batch_size)
     return PredictResult(
@@ -187,5 +198,6 @@ def _result(job: PredictJob, ref: ReferenceRun, rows: list[ScopeRow], last_snr) 
         noisiest_layer=noisiest,
         snr_edges=edges_,
         snr_counts=counts,
+        node_ids=tuple(gather.node_ids().values()),
         out=job.out,
     )

@@ -12,7 +12,7 @@ from gns_sweep.per_example import ENGINES, param_layout
 from gns_sweep.per_example.base import check_losses, refuse_coupled_layers
 from gns_sweep.predict.config import DEFAULT_PROBE, PredictConfig
 from gns_sweep.predict.shards import largest_block
-from gns_sweep.tasks import Task
+from gns_sweep.tasks import Task, check_trainable
 from gns_sweep.train import init_model
 
 
@@ -78,12 +78,16 @@ def _check_resources(config: PredictConfig) -> None:
         raise UsageError(f"--cpus-per-shard {config.cpus_per_shard}: must be a number > 0")
     if not (math.isfinite(config.gpus_per_shard) and config.gpus_per_shard >= 0):
         raise UsageError(f"--gpus-per-shard {config.gpus_per_shard}: must be a number >= 0 (0: CPU only)")
+    if config.max_retries < 0:
+        raise UsageError(f"--max-retries {config.max_retries}: must be >= 0 (0: a shard whose worker dies fails)")
 
 
 def _check_model(config: PredictConfig, task: Task) -> None:
     """What the shards would refuse after the whole reference run, found now on two examples:
-    a layer that couples examples, a loss that does not return one value per example, an unknown layer."""
+    a model with nothing to train, a layer that couples examples, a loss that does not return one value
+    per example, an unknown layer."""
     model = init_model(task, config.seed)  # on the CPU, as the reference run makes it
+    check_trainable(task, model)
     refuse_coupled_layers(model)
     n = min(2, task.n_train)
     with torch.no_grad():

@@ -30,6 +30,11 @@ PREDICT_SCHEMA = pa.schema(
     ]
 )
 
+# predict.parquet as written: the measurement (PREDICT_SCHEMA, what compare reads) and where it ran.
+PREDICT_FILE_SCHEMA = PREDICT_SCHEMA.append(
+    pa.field("node_ids", pa.list_(pa.string()))  # Ray nodes that ran this checkpoint's shards, sorted
+)
+
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -47,7 +52,7 @@ TRIALS_SCHEMA = pa.schema(
         ("batch_size", pa.int64()),  # examples per SGD step
         ("lr", pa.float64()),  # constant SGD learning rate
         ("seed", pa.int64()),  # initial weights (shared by all batch sizes) and data order
-        ("status", pa.string()),  # reached, budget or diverged
+        ("status", pa.string()),  # reached, budget, diverged, or failed (its own code raised)
         ("steps", pa.int64()),  # SGD steps taken
         ("steps_to_target", pa.int64()),  # first evaluated step with eval loss <= target; null if never
         ("examples_to_target", pa.int64()),  # steps_to_target * batch_size; null if never
@@ -58,12 +63,16 @@ TRIALS_SCHEMA = pa.schema(
         ("budget_examples", pa.int64()),  # training examples allowed
         ("wall_seconds", pa.float64()),  # time inside the trial
         ("cpu_seconds", pa.float64()),  # CPU time of the worker process during the trial
-        ("node_id", pa.string()),  # Ray node that ran it
+        ("node_id", pa.string()),  # Ray node that ran it (null if a failed trial never started)
         ("device", pa.string()),  # cpu or cuda
         ("update_ratio_max", pa.float64()),  # largest per-parameter ||lr*grad||/||w|| at the last step
         ("update_ratios", pa.string()),  # JSON {parameter name: ratio} at the last step
+        ("error", pa.string()),  # a failed trial's error, one line; null otherwise
     ]
 )
+
+# Columns added after files were first written: a file without one reads as nulls there.
+LATER_COLUMNS = frozenset({"error", "node_ids"})
 
 # A trial's own file: its row plus its eval curve, so one atomic write holds both.
 TRIAL_FILE_SCHEMA = TRIALS_SCHEMA.append(pa.field("curve_steps", pa.list_(pa.int64()))).append(

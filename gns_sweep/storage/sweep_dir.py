@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from gns_sweep.storage.schemas import CURVES_SCHEMA, TRIAL_FILE_SCHEMA, TRIALS_SCHEMA
 from gns_sweep.storage.tables import read_rows, write_table
 
@@ -74,6 +76,11 @@ class SweepDir:
             return set()
         return {p.stem for p in self.trials_dir.glob("*.parquet") if not p.name.startswith(".")}
 
+    def trial_statuses(self, trial_ids: set[str] | None = None) -> dict[str, str]:
+        """{trial id: status} of the trials on disk (optionally only these ids), reading one column each."""
+        ids = self.finished_trial_ids() if trial_ids is None else trial_ids
+        return {tid: pq.read_table(self.trial(tid), columns=["status"])["status"][0].as_py() for tid in sorted(ids)}
+
     def read_trials(self, trial_ids: set[str] | None = None) -> list[dict[str, Any]]:
         """Rows (with curves) of the finished trials, optionally only these ids."""
         ids = self.finished_trial_ids() if trial_ids is None else trial_ids
@@ -83,7 +90,8 @@ class SweepDir:
         """Rewrite trials.parquet and curves.parquet from trial rows that carry their curves."""
         rows = sorted(rows, key=lambda r: (r["batch_size"], r["lr"], r["seed"]))
         cols = TRIALS_SCHEMA.names
-        write_table(self.trials, [{k: r[k] for k in cols} for r in rows], TRIALS_SCHEMA, settings)
+        # r.get: a trial file from before a column was added has none (null)
+        write_table(self.trials, [{k: r.get(k) for k in cols} for r in rows], TRIALS_SCHEMA, settings)
         write_table(self.curves, [point for r in rows for point in curve_rows(r)], CURVES_SCHEMA, settings)
 
     def remove_sweep(self) -> None:

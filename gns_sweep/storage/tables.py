@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gns_sweep.errors import UsageError
+from gns_sweep.storage.schemas import LATER_COLUMNS
 
 SETTINGS_KEY = b"gns_sweep.settings"
 
@@ -103,6 +104,9 @@ def read_result(path: Path, schema: pa.Schema, remedy: str) -> list[dict[str, An
     except (pa.ArrowException, OSError) as exc:
         raise UsageError(f"{path} is not a readable Parquet file ({exc}); {remedy}") from None
     missing = [name for name in schema.names if name not in table.column_names]
+    for name in [m for m in missing if m in LATER_COLUMNS]:  # a file from before the column: nulls
+        table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    missing = [m for m in missing if m not in LATER_COLUMNS]
     if missing:
         raise UsageError(f"{path} lacks the column(s) {', '.join(missing)}; {remedy}")
     return table.select(schema.names).to_pylist()

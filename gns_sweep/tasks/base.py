@@ -42,6 +42,8 @@ class Task:
                 )
             if x.shape[0] < 1:
                 raise UsageError(f"task '{self.name}': {split} split is empty")
+            for field, values in ((f"{split}_inputs", x), (f"{split}_targets", y)):
+                _check_finite(self.name, field, values)
         if not callable(self.build_model) or not callable(self.loss):
             raise UsageError(f"task '{self.name}': build_model and loss must be callables")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -59,3 +61,24 @@ class Task:
     @property
     def n_train(self) -> int:
         return int(self.train_inputs.shape[0])
+
+
+def _check_finite(task: str, field: str, values: torch.Tensor) -> None:
+    """NaN or inf in the data would only surface deep inside training, as a diverged run or worse."""
+    if not (values.is_floating_point() or values.is_complex()):
+        return
+    bad = ~torch.isfinite(values).reshape(values.shape[0], -1).all(dim=1)
+    if bad.any():
+        raise UsageError(
+            f"task '{task}': {field} holds NaN or infinite values in {int(bad.sum())} example(s) (the first is "
+            f"example {int(bad.nonzero()[0])}); drop or repair those examples before making the Task"
+        )
+
+
+def check_trainable(task: Task, model: nn.Module) -> None:
+    """SGD needs something to move: refuse a model whose parameters all have requires_grad off."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError(
+            f"task '{task.name}': the model from build_model() has no trainable parameters (none requires grad); "
+            "leave requires_grad on for the parameters gns-sweep should train"
+        )
