@@ -63,6 +63,18 @@ Checkpoints = Annotated[
 ]
 Seed = Annotated[int, typer.Option("--seed", help="predict: seeds the weights, the data order and the probe draws.")]
 Engine = Annotated[str, typer.Option("--engine", help="Per-example gradient engine: fast, general or loop.")]
+Estimator = Annotated[
+    str,
+    typer.Option(
+        "--estimator",
+        help="auto (micro-batch where a layer such as BatchNorm couples examples, else per-example), "
+        "per-example or micro-batch.",
+    ),
+]
+MicroBatch = Annotated[
+    int,
+    typer.Option("--micro-batch", help="Examples per sample of the micro-batch estimator (part of what it measures)."),
+]
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Micro-batch size inside a shard (bounds memory).")]
 CpusPerShard = Annotated[float, typer.Option("--cpus-per-shard", help="CPUs per shard task.")]
 GpusPerShard = Annotated[float, typer.Option("--gpus-per-shard", help="GPUs per shard task (0: CPU).")]

@@ -10,6 +10,7 @@ from gns_sweep_cli.common import Bars, cluster, fmt, handle_errors, json_ready, 
 from rich.table import Table
 
 from gns_sweep.predict import PredictConfig, PredictResult, noise_table, prepare_predict, run_predict, settings
+from gns_sweep.predict.config import PER_EXAMPLE
 from gns_sweep.results import TOTAL, ScopeRow
 from gns_sweep.tasks import load_task
 
@@ -24,6 +25,8 @@ def predict(
     warmup_steps: o.WarmupSteps = o.P.warmup_steps,
     checkpoints: o.Checkpoints = o.P.checkpoints,
     seed: o.Seed = o.P.seed,
+    estimator: o.Estimator = o.P.estimator,
+    micro_batch: o.MicroBatch = o.P.micro_batch,
     engine: o.Engine = o.P.engine,
     max_batch: o.MaxBatch = o.P.max_batch,
     cpus_per_shard: o.CpusPerShard = o.P.cpus_per_shard,
@@ -59,6 +62,7 @@ def summary(r: PredictResult) -> dict:
             "settings": settings(r.config),
             "reference": asdict(r.reference),
             "headline": asdict(r.headline),
+            "norm_headline": asdict(r.norm_headline) if r.norm_headline else None,
             "noisiest_layer": r.noisiest_layer,
             "layers": [asdict(f) for f in r.layer_flags],
             "noise_table": [asdict(n) for n in noise_table(r.headline.b_simple)],
@@ -100,9 +104,12 @@ def describe_reference(r: PredictResult) -> str:
         reached = f"target {ref.target_loss:g} not reached within the budget"
     else:
         reached = "no target: traced to the end of the budget"
+    c = r.config
+    how = "per-example gradients" if c.estimator == PER_EXAMPLE else f"micro-batches of {c.micro_batch} examples"
     return (
         f"[bold]{r.task}[/]: reference run at batch {ref.batch_size}, lr {ref.lr:g}; {reached}; "
-        f"{len(ref.checkpoint_steps)} checkpoints from step {ref.checkpoint_steps[0]} to {ref.checkpoint_steps[-1]}"
+        f"{len(ref.checkpoint_steps)} checkpoints from step {ref.checkpoint_steps[0]} to {ref.checkpoint_steps[-1]}, "
+        f"each on {c.probe_size} fresh examples ({how})"
     )
 
 
@@ -127,12 +134,16 @@ def render_checkpoints(r: PredictResult) -> None:
 def render_layers(r: PredictResult) -> None:
     last = max(row.checkpoint for row in r.rows)
     flags = {f.scope: f.verdict for f in r.layer_flags}
-    t = Table(title=f"per layer at checkpoint {last} (step {r.reference.checkpoint_steps[-1]})")
-    for col in ("scope", "params", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR", "verdict"):
+    t = Table(
+        title=f"per layer at checkpoint {last} (step {r.reference.checkpoint_steps[-1]}); "
+        "update = ||lr grad|| / ||w|| of the step that led there"
+    )
+    for col in ("scope", "params", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR", "update", "verdict"):
         t.add_column(col, justify="right" if col not in ("scope", "verdict") else "left")
     for row in r.rows:
         if row.checkpoint == last:
-            t.add_row(row.scope, str(row.n_params), *estimate_cells(row), flags.get(row.scope, ""))
+            cells = estimate_cells(row)
+            t.add_row(row.scope, str(row.n_params), *cells, fmt(row.update_ratio), flags.get(row.scope, ""))
     out.print(t)
     if r.noisiest_layer is not None:
         out.print(f"largest noise scale: layer [bold]{r.noisiest_layer}[/]")
@@ -157,6 +168,12 @@ def render_headline(r: PredictResult) -> None:
         f"averaged over all {h.checkpoints} checkpoints, 95% bootstrap over them; over the last quarter "
         f"{fmt(h.b_simple_late)}, at the first checkpoint {fmt(h.b_simple_start)})"
     )
+    if r.norm_headline is not None:
+        n = r.norm_headline
+        out.print(
+            f"normalization layers alone: B_simple = {fmt(n.b_simple)} [{fmt(n.b_simple_lo)}, {fmt(n.b_simple_hi)}] "
+            f"(ratio to the whole model {fmt(n.b_simple / h.b_simple if h.b_simple > 0 else float('nan'), 2)})"
+        )
     rows = noise_table(h.b_simple)
     if not rows:
         out.print("B_simple is unresolved at this probe size: raise --probe-size, or measure later in training.")

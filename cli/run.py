@@ -35,6 +35,8 @@ def run(
     warmup_steps: o.WarmupSteps = o.P.warmup_steps,
     checkpoints: o.Checkpoints = o.P.checkpoints,
     seed: o.Seed = o.P.seed,
+    estimator: o.Estimator = o.P.estimator,
+    micro_batch: o.MicroBatch = o.P.micro_batch,
     engine: o.Engine = o.P.engine,
     max_batch: o.MaxBatch = o.P.max_batch,
     cpus_per_shard: o.CpusPerShard = o.P.cpus_per_shard,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from gns_sweep import stats as st
 
 TOTAL = "total"  # the scope of the whole model
+NORM = "norm-layers"  # the scope of every normalization layer's parameters together
+SUMMARY_SCOPES = (TOTAL, NORM)  # scopes that are not one layer
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class ScopeRow:
     n_params: int
     n_examples: int
     estimator: str
+    micro_batch: int
     engine: str
     grad_sq_norm: float
     grad_sq_norm_biased: float
@@ -39,6 +42,7 @@ class ScopeRow:
     b_simple_lower_bound: float
     resolved: bool
     snr_mean: float
+    update_ratio: float
 
 
 @dataclass(frozen=True)
@@ -54,19 +58,19 @@ class Headline:
     reached: bool  # the reference run reached the loss (else: every checkpoint, and the value is for less)
 
 
-def total_rows(rows: Sequence[ScopeRow]) -> list[ScopeRow]:
-    """The whole-model rows, in checkpoint order."""
-    return sorted((r for r in rows if r.scope == TOTAL), key=lambda r: r.checkpoint)
+def total_rows(rows: Sequence[ScopeRow], scope: str = TOTAL) -> list[ScopeRow]:
+    """The rows of one scope (the whole model by default), in checkpoint order."""
+    return sorted((r for r in rows if r.scope == scope), key=lambda r: r.checkpoint)
 
 
-def headline(rows: Sequence[ScopeRow], *, until_loss: float | None = None) -> Headline:
+def headline(rows: Sequence[ScopeRow], *, until_loss: float | None = None, scope: str = TOTAL) -> Headline:
     """B_simple averaged over the reference run, numerator and denominator separately, then divided.
 
     Every checkpoint from the start counts, up to the first whose eval loss is at or below
     `until_loss` (all of them without one). The ratio of means is dominated by no single
     checkpoint whose |G|^2 happens to be near zero, and tracks B_crit, which is itself an average
     of the noise scale along the path from the initial weights to the target (docs/method.md)."""
-    total = total_rows(rows)
+    total = total_rows(rows, scope)
     reached = until_loss is None
     if until_loss is not None:
         hit = next((i for i, r in enumerate(total) if r.eval_loss <= until_loss), None)

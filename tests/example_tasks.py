@@ -60,7 +60,7 @@ def mean_loss():
 
 
 def batchnorm():
-    """BatchNorm in train mode couples the examples of a batch: refused up front, naming the layer."""
+    """BatchNorm in train mode couples the examples of a batch: the per-example estimator refuses it."""
     model = lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))  # noqa: E731
     return gns_sweep.Task(**{**identical().__dict__, "name": "batchnorm", "build_model": model})
 
@@ -111,3 +111,23 @@ def fails_at_batch_16():
         return _mse(out, y)
 
     return gns_sweep.Task(**{**identical().__dict__, "name": "fails-at-16", "loss": loss})
+
+
+def _blobs_with(norm) -> "gns_sweep.Task":
+    from gns_sweep.tasks import load_task
+
+    blobs = load_task("blobs-noisy")
+    model = lambda: nn.Sequential(nn.Linear(2, 16), norm(16), nn.Tanh(), nn.Linear(16, 3))  # noqa: E731
+    return gns_sweep.Task(**{**blobs.__dict__, "name": f"blobs-{norm.__name__}", "build_model": model})
+
+
+def batchnorm_blobs():
+    """blobs-noisy with a BatchNorm MLP: only micro-batches can measure it."""
+    return _blobs_with(nn.BatchNorm1d)
+
+
+def layernorm_blobs():
+    """blobs-noisy with two LayerNorms (layers 1 and 3), for the norm-layers scope."""
+    blobs = _blobs_with(nn.LayerNorm)
+    model = lambda: nn.Sequential(nn.Linear(2, 16), nn.LayerNorm(16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3))  # noqa: E731
+    return gns_sweep.Task(**{**blobs.__dict__, "name": "blobs-layernorm", "build_model": model})

@@ -1,6 +1,7 @@
 """predict on a real Ray cluster: closed forms, shard invariance, the noisy/clean contrast."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from gns_sweep.predict import (
 from gns_sweep.runtime import WorkerInfo
 from gns_sweep.tasks import load_task
 from gns_sweep.tasks.builtin import LINREG, LINREG_ILL
-from gns_sweep.train import init_model
+from gns_sweep.train import TrainConfig, init_model, train
 
 
 def predict(config, cluster):
@@ -77,13 +78,14 @@ def test_ray_result_equals_in_process_computation(cluster):
         data=(task.train_inputs, task.train_targets, task.loss),
         probe=probe_indices(task.n_train, cfg.probe_size, cfg.seed, 0),
         units=micro_batches(cfg.probe_size, edges(cfg.probe_size, cfg.blocks), cfg.max_batch, 1),
+        micro_batch=1,
         engine=cfg.engine,
         param_moments=True,
         worker=WorkerInfo("cpu", "driver", 1),
     )
     total, blocks, loss_sum = measure(pieces, cfg.blocks)
-    where = Checkpoint(task.name, 0, 0, 0, 0.0, cfg.engine, 1)
-    rows = scope_rows(where, total, blocks, loss_sum, param_layout(model))
+    where = Checkpoint(task.name, 0, 0, 0, 0.0, cfg.engine, 1, "per-example", 1)
+    rows = scope_rows(where, total, blocks, loss_sum, param_layout(model), {})
     for a, b in zip(result.rows, rows, strict=True):
         assert a.scope == b.scope
         assert a.b_simple == pytest.approx(b.b_simple, rel=1e-9)
@@ -152,3 +154,59 @@ def test_micro_batch_grid_covers_the_probe_once(n, blocks, max_batch, shards):
     assert all(block_edges[b] <= lo and hi <= block_edges[b + 1] for b, lo, hi in flat)
     if shards <= len(micro_batches(n, block_edges, max_batch, 1)):
         assert units == micro_batches(n, block_edges, max_batch, 1)  # the grid ignores the sharding
+
+
+def test_the_micro_batch_estimator_agrees_with_the_closed_form(cluster):
+    """On linear regression (no coupling) micro-batches of 8 estimate the same B_simple: the closed form at
+    the initial weights, within sampling error, and the per-example estimate of the same examples."""
+    task = load_task("linreg")
+    base = dict(task="linreg", probe_size=task.n_train, warmup_steps=0, checkpoints=1, shards=2)
+    micro = predict(PredictConfig(estimator="micro-batch", micro_batch=8, **base), cluster)
+    per_example = predict(PredictConfig(estimator="per-example", **base), cluster)
+    (m,), (p,) = total_rows(micro), total_rows(per_example)
+    assert (m.estimator, m.micro_batch, m.engine, m.n_examples) == ("micro-batch", 8, "micro-batch", task.n_train)
+    assert (p.estimator, p.micro_batch) == ("per-example", 1)
+    w = init_model(task, 0).weight.detach().double().reshape(-1)
+    assert m.b_simple == pytest.approx(LINREG.b_simple(w), rel=0.15)  # 2048 samples: ~3x the per-example error
+    assert m.b_simple_lo < p.b_simple < m.b_simple_hi
+    assert m.grad_sq_norm_biased == pytest.approx(p.grad_sq_norm_biased, rel=1e-6)  # the same mean gradient
+
+
+def test_auto_measures_a_batchnorm_model_with_micro_batches(cluster, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    cfg = PredictConfig(task="example_tasks:batchnorm_blobs", probe_size=256, checkpoints=3, micro_batch=4, blocks=8)
+    result = predict(cfg, cluster)
+    assert result.config.estimator == "micro-batch"
+    rows = total_rows(result)
+    assert {r.estimator for r in rows} == {"micro-batch"} and {r.micro_batch for r in rows} == {4}
+    assert all(r.n_examples == 256 and r.trace_sigma > 0 for r in rows)
+    assert math.isfinite(result.headline.b_simple) and result.headline.b_simple > 0
+    assert {r.scope for r in result.rows} >= {"total", "norm-layers", "1"}  # BatchNorm is a normalization layer
+
+
+def test_norm_layer_scope_and_update_ratios(cluster, monkeypatch):
+    """norm-layers holds the normalization layers' parameters together: its tr(Sigma) and |G|^2 are theirs
+    summed. update_ratio is ||lr grad|| / ||w|| of the reference run's step that made each checkpoint."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    cfg = PredictConfig(task="example_tasks:layernorm_blobs", probe_size=128, checkpoints=3, blocks=4)
+    result = predict(cfg, cluster)
+    task = load_task(cfg.task)
+    for c in range(3):
+        at = {r.scope: r for r in result.rows if r.checkpoint == c}
+        assert at["norm-layers"].trace_sigma == pytest.approx(at["1"].trace_sigma + at["3"].trace_sigma, rel=1e-9)
+        assert at["norm-layers"].grad_sq_norm == pytest.approx(at["1"].grad_sq_norm + at["3"].grad_sq_norm, rel=1e-9)
+        assert at["norm-layers"].n_params == at["1"].n_params + at["3"].n_params
+    assert math.isnan(next(r for r in result.rows if r.checkpoint == 0).update_ratio)  # step 0: no step yet
+    assert result.norm_headline is not None and result.norm_headline.b_simple > 0
+    assert "norm-layers" not in {f.scope for f in result.layer_flags}
+    # the slow way: replay to the last checkpoint and read the last step's gradient
+    step = result.reference.checkpoint_steps[-1]
+    model = init_model(task, cfg.seed)
+    train(task, TrainConfig(task.batch_size, task.lr, (step + 1) * task.batch_size, None, seed=cfg.seed),
+          model=model, stop_after=step)  # fmt: skip
+    params = dict(model.named_parameters())
+    for scope, names in (("total", list(params)), ("1", ["1.weight", "1.bias"]), ("0", ["0.weight", "0.bias"])):
+        step_norm = math.sqrt(sum(float((task.lr * params[n].grad).square().sum()) for n in names))
+        weight_norm = math.sqrt(sum(float(params[n].detach().square().sum()) for n in names))
+        row = next(r for r in result.rows if r.checkpoint == 2 and r.scope == scope)
+        assert row.update_ratio == pytest.approx(step_norm / weight_norm, rel=1e-6), scope

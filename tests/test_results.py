@@ -16,8 +16,8 @@ def row(checkpoint: int, eval_loss: float, g2: float, tr: float, scope: str = "t
     return ScopeRow(
         task="t", checkpoint=checkpoint, step=10 * checkpoint, examples_seen=80 * checkpoint, train_loss=eval_loss,
         eval_loss=eval_loss, n_checkpoints=6, scope=scope, n_params=3, n_examples=64, estimator="per-example",
-        engine="fast", grad_sq_norm=g2, grad_sq_norm_biased=g2 + tr / 64, trace_sigma=tr, b_simple=b,
-        b_simple_lo=b / 2, b_simple_hi=b * 2, b_simple_lower_bound=b, resolved=g2 > 0, snr_mean=0.1,
+        micro_batch=1, engine="fast", grad_sq_norm=g2, grad_sq_norm_biased=g2 + tr / 64, trace_sigma=tr, b_simple=b,
+        b_simple_lo=b / 2, b_simple_hi=b * 2, b_simple_lower_bound=b, resolved=g2 > 0, snr_mean=0.1, update_ratio=0.01,
     )  # fmt: skip
 
 

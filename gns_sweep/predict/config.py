@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gns_sweep import __version__
-from gns_sweep.per_example import DEFAULT_ENGINE
+from gns_sweep.per_example import DEFAULT_ENGINE, DEFAULT_MICRO_BATCH
 from gns_sweep.runtime import DEFAULT_MAX_RETRIES
 
 DEFAULT_PROBE = 512  # probe examples per checkpoint when the task has that many
-ESTIMATOR = "per-example"
+PER_EXAMPLE = "per-example"  # samples are single examples' gradients (needs no layer coupling examples)
+MICRO_BATCH = "micro-batch"  # samples are micro-batches' mean gradients (any model)
+AUTO = "auto"  # micro-batch where a layer couples examples, else per-example
+ESTIMATORS = (AUTO, PER_EXAMPLE, MICRO_BATCH)
+PER_EXAMPLE_ENGINES = ("fast", "general", "loop")  # how the per-example estimator gets its statistics
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,9 @@ class PredictConfig:
     warmup_steps: int = 0  # reference-run steps before the first checkpoint
     checkpoints: int = 64  # measurements along the reference run (every step when it is shorter)
     seed: int = 0  # initial weights, data order and probe draw
-    engine: str = DEFAULT_ENGINE  # per-example engine (see gns_sweep.per_example.ENGINES)
+    estimator: str = AUTO  # one of ESTIMATORS; validate resolves auto
+    micro_batch: int = DEFAULT_MICRO_BATCH  # examples per sample of the micro-batch estimator
+    engine: str = DEFAULT_ENGINE  # per-example engine (one of PER_EXAMPLE_ENGINES)
     max_batch: int = 256  # micro-batch size inside a shard: bounds peak memory
     cpus_per_shard: float = 1.0  # Ray CPUs per shard task (and its torch threads)
     gpus_per_shard: float = 0.0  # Ray GPUs per shard task (> 0: the shard runs on cuda)
@@ -39,3 +45,8 @@ def settings(config: PredictConfig) -> dict:
     """What predict.parquet records, and what --resume compares."""
     kept = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
     return {"command": "predict", "version": __version__, **kept}
+
+
+def sample_size(config: PredictConfig) -> int:
+    """Examples per sample: b for the micro-batch estimator, 1 for the per-example one."""
+    return config.micro_batch if config.estimator == MICRO_BATCH else 1

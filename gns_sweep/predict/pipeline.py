@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass, field
 from gns_sweep import stats as st
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example import ParamLayout, param_layout
-from gns_sweep.predict.config import PredictConfig, settings
+from gns_sweep.predict.config import MICRO_BATCH, PredictConfig, sample_size, settings
 from gns_sweep.predict.reference import ReferenceRun, reference_run
 from gns_sweep.predict.report import LayerFlag, layer_flags, snr_histogram
-from gns_sweep.predict.shards import assign, edges, micro_batches, probe_indices
+from gns_sweep.predict.shards import Unit, assign, edges, micro_batches, probe_indices
 from gns_sweep.predict.validate import validate
 from gns_sweep.predict.worker import Checkpoint, Piece, measure, probe_shard, scope_rows
 from gns_sweep.progress import ProgressFn, no_progress
-from gns_sweep.results import Headline, ScopeRow, headline
+from gns_sweep.results import NORM, Headline, ScopeRow, headline
 from gns_sweep.runtime import Cluster, Resources
 from gns_sweep.storage import (
     PREDICT_FILE_SCHEMA,
@@ -58,6 +58,7 @@ class PredictResult:
     snr_edges: tuple[float, ...]  # 11 edges of the per-parameter SNR histogram (last checkpoint)
     snr_counts: tuple[int, ...]  # 10 counts
     node_ids: tuple[tuple[str, ...], ...] = ()  # per checkpoint: the Ray nodes that ran its shards
+    norm_headline: Headline | None = None  # the headline of the normalization layers' parameters alone
     out: SweepDir | None = field(default=None)
 
 
@@ -115,18 +116,21 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
     )
     model = init_model(task, config.seed)
     layout = param_layout(model) if config.layer is None else param_layout(model).restrict(config.layer)
-    n_blocks = min(config.blocks, config.probe_size)
-    units = micro_batches(config.probe_size, edges(config.probe_size, n_blocks), config.max_batch, config.shards)
-    work = assign(units, config.shards)
+    b = sample_size(config)
+    n_blocks, work = probe_grid(config)
     data = cluster.put((task.train_inputs, task.train_targets, task.loss))  # once, for every task
-    calls, owner = [], []
+    calls, owner, updates = [], [], []
     for c, step in enumerate(ref.checkpoint_steps):
-        model.load_state_dict(snapshots.pop(step))
+        snap = snapshots.pop(step)
+        model.load_state_dict(snap.state)
+        updates.append(snap.updates)
         model_ref, probe = cluster.put(model), probe_indices(task.n_train, config.probe_size, config.seed, c)
         for k, units_k in enumerate(work):
-            calls.append(dict(model=model_ref, data=data, probe=probe, units=units_k, engine=config.engine))
+            calls.append(
+                dict(model=model_ref, data=data, probe=probe, units=units_k, engine=config.engine, micro_batch=b)
+            )
             owner.append((c, k))
-    gather = _Gather(job, ref, layout, n_blocks, shards=len(work))
+    gather = _Gather(job, ref, layout, n_blocks, shards=len(work), updates=updates)
     cluster.run(
         probe_shard,
         [{**call, "param_moments": True} for call in calls],
@@ -135,14 +139,29 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
         progress=progress,
         on_result=lambda i, pieces, worker: gather.add(*owner[i], pieces, worker.node_id),
     )
-    return _result(job, ref, gather, st.snr(gather.last_total))
+    return _result(job, ref, gather, st.snr(gather.last_total, micro_batch=b))
+
+
+def probe_grid(config: PredictConfig) -> tuple[int, list[list[Unit]]]:
+    """(jackknife blocks, each shard's micro-batches) of one checkpoint's probe.
+
+    The grid is laid out in samples (examples, or micro-batches of b), so no block, micro-batch or
+    shard splits a sample."""
+    b = sample_size(config)
+    n = config.probe_size // b
+    n_blocks = min(config.blocks, n)
+    units = micro_batches(n, edges(n, n_blocks), max(1, config.max_batch // b), config.shards)
+    return n_blocks, assign([(blk, lo * b, hi * b) for blk, lo, hi in units], config.shards)
 
 
 class _Gather:
     """Checkpoints complete in any order; each one's rows are made once all its shards are in."""
 
-    def __init__(self, job: PredictJob, ref: ReferenceRun, layout: ParamLayout, n_blocks: int, *, shards: int):
+    def __init__(
+        self, job: PredictJob, ref: ReferenceRun, layout: ParamLayout, n_blocks: int, *, shards: int, updates: list
+    ):
         self.job, self.ref, self.layout, self.n_blocks, self.shards = job, ref, layout, n_blocks, shards
+        self.updates = updates  # per checkpoint: the reference run's step sizes there
         self.pieces: dict[int, dict[int, list[Piece]]] = {}  # checkpoint -> shard -> its pieces
         self.nodes: dict[int, dict[int, str]] = {}  # checkpoint -> shard -> the node that ran it
         self.done: dict[int, list[ScopeRow]] = {}
@@ -158,12 +177,20 @@ class _Gather:
         ordered = [p for shard in sorted(got) for p in got[shard]]
         del self.pieces[c]
         total, blocks, loss_sum = measure(ordered, self.n_blocks)
-        ref, n = self.ref, len(self.ref.checkpoint_steps)
-        step = ref.checkpoint_steps[c]
+        ref, config = self.ref, self.job.config
+        step, b = ref.checkpoint_steps[c], sample_size(config)
         where = Checkpoint(
-            self.job.task.name, c, step, step * ref.batch_size, ref.checkpoint_eval_losses[c], self.job.config.engine, n
+            task=self.job.task.name,
+            checkpoint=c,
+            step=step,
+            examples_seen=step * ref.batch_size,
+            eval_loss=ref.checkpoint_eval_losses[c],
+            engine=MICRO_BATCH if b > 1 else config.engine,
+            n_checkpoints=len(ref.checkpoint_steps),
+            estimator=config.estimator,
+            micro_batch=b,
         )
-        self.done[c] = scope_rows(where, total, blocks, loss_sum, self.layout)
+        self.done[c] = scope_rows(where, total, blocks, loss_sum, self.layout, self.updates[c])
         if c == len(self.ref.checkpoint_steps) - 1:
             self.last_total = total
         if self.job.out is not None:
@@ -199,5 +226,6 @@ def _result(job: PredictJob, ref: ReferenceRun, gather: _Gather, last_snr) -> Pr
         snr_edges=edges_,
         snr_counts=counts,
         node_ids=tuple(gather.node_ids().values()),
+        norm_headline=headline(rows, scope=NORM) if any(r.scope == NORM for r in rows) else None,
         out=job.out,
     )

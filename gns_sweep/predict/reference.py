@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from torch import nn
 
 from gns_sweep.progress import ProgressEvent, ProgressFn
@@ -34,9 +35,17 @@ def checkpoint_steps(warmup: int, end: int, count: int) -> tuple[int, ...]:
     return tuple(int(round(s)) for s in np.linspace(warmup, end, count))
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The reference run at one checkpoint."""
+
+    state: dict  # the model's state_dict
+    updates: dict[str, tuple[float, float]]  # per parameter: (||lr * grad||^2, ||w||^2) of the step that led here
+
+
 def reference_run(
     task: Task, *, seed: int, warmup_steps: int, checkpoints: int, progress: ProgressFn
-) -> tuple[ReferenceRun, dict[int, dict]]:
+) -> tuple[ReferenceRun, dict[int, Snapshot]]:
     """Find where the reference run ends, then replay it to snapshot the checkpoints' weights."""
     tcfg = TrainConfig(task.batch_size, task.lr, task.budget_examples, task.target_loss, seed=seed)
     steps_to_target, end = None, warmup_steps
@@ -47,12 +56,13 @@ def reference_run(
         progress(ProgressEvent("reference run", 1, 1))
     steps = checkpoint_steps(warmup_steps, end, checkpoints)
     wanted = set(steps)
-    snapshots: dict[int, dict] = {}
+    snapshots: dict[int, Snapshot] = {}
     losses: dict[int, float] = {}
 
     def keep(step: int, model: nn.Module) -> None:
         if step in wanted:
-            snapshots[step] = copy.deepcopy(model.state_dict())
+            updates = _updates(model, task.lr) if step > 0 else {}  # no step led to the initial weights
+            snapshots[step] = Snapshot(copy.deepcopy(model.state_dict()), updates)
             losses[step] = eval_loss(model, task)
 
     # Replay with no target so it reaches the last checkpoint even past the target.
@@ -61,3 +71,13 @@ def reference_run(
     evals = tuple(losses[s] for s in steps)
     ref = ReferenceRun(task.batch_size, task.lr, task.target_loss, steps_to_target, end, steps, evals)
     return ref, snapshots
+
+
+@torch.no_grad()
+def _updates(model: nn.Module, lr: float) -> dict[str, tuple[float, float]]:
+    """(||lr * grad||^2, ||w||^2) per trainable parameter, from the gradient of the step just taken."""
+    return {
+        name: (float((lr * p.grad).square().sum()) if p.grad is not None else 0.0, float(p.detach().square().sum()))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gns_sweep.results import TOTAL, ScopeRow
+from gns_sweep.results import SUMMARY_SCOPES, ScopeRow
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class LayerFlag:
 def layer_flags(rows: Sequence[ScopeRow], batch_size: int) -> tuple[tuple[LayerFlag, ...], str | None]:
     """Each layer's verdict at the last checkpoint, and the layer with the largest noise scale."""
     last = max(r.checkpoint for r in rows)
-    layers = [r for r in rows if r.checkpoint == last and r.scope != TOTAL]
+    layers = [r for r in rows if r.checkpoint == last and r.scope not in SUMMARY_SCOPES]
     flags = []
     for r in layers:
         if not r.resolved:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -10,9 +11,8 @@ import torch
 from torch import nn
 
 from gns_sweep import stats as st
-from gns_sweep.per_example import ParamLayout, SumAccumulator, get_engine, param_layout
+from gns_sweep.per_example import MicroBatchEngine, ParamLayout, SumAccumulator, get_engine, param_layout
 from gns_sweep.per_example.base import refuse_coupled_layers
-from gns_sweep.predict.config import ESTIMATOR
 from gns_sweep.predict.shards import Unit
 from gns_sweep.results import ScopeRow
 from gns_sweep.runtime import WorkerInfo
@@ -27,6 +27,7 @@ def probe_shard(
     probe: torch.Tensor,
     units: Sequence[Unit],
     engine: str,
+    micro_batch: int,
     param_moments: bool,
     worker: WorkerInfo,
 ) -> list[Piece]:
@@ -35,14 +36,19 @@ def probe_shard(
     `data` is (inputs, targets, loss) of the whole training set, shared by every task through the
     object store; `probe` the checkpoint's example indices, which `units` cut into micro-batches.
     Consecutive micro-batches of one block are folded into one float64 accumulator, so a block
-    costs one conversion to Moments, however many micro-batches it holds.
+    costs one conversion to Moments, however many micro-batches it holds. With `micro_batch` b > 1
+    the samples are the mean gradients of b examples at a time (the micro-batch estimator), and the
+    model may couple examples.
     """
     all_inputs, all_targets, loss = data
     inputs, targets = all_inputs[probe], all_targets[probe]  # (probe_size, ...): this checkpoint's draw
     model = model.to(worker.device).train()
-    refuse_coupled_layers(model)
+    if micro_batch > 1:
+        eng = MicroBatchEngine(micro_batch)
+    else:
+        refuse_coupled_layers(model)
+        eng = get_engine(engine)
     layout = param_layout(model)
-    eng = get_engine(engine)
     out: list[Piece] = []
     acc, block = None, None
     for b, lo, hi in units:
@@ -78,19 +84,30 @@ class Checkpoint:
     step: int  # SGD steps taken
     examples_seen: int  # step * reference batch size
     eval_loss: float  # eval loss of the weights measured
-    engine: str  # per-example engine used
+    engine: str  # per-example engine used (with the micro-batch estimator: "micro-batch")
     n_checkpoints: int  # checkpoints along the reference run (a finished file has them all)
+    estimator: str  # "per-example" or "micro-batch"
+    micro_batch: int  # examples per sample: 1, or the micro-batch size b
 
 
 def scope_rows(
-    where: Checkpoint, total: st.Moments, blocks: Sequence[st.Moments], loss_sum: float, layout: ParamLayout
+    where: Checkpoint,
+    total: st.Moments,
+    blocks: Sequence[st.Moments],
+    loss_sum: float,
+    layout: ParamLayout,
+    updates: Mapping[str, tuple[float, float]],
 ) -> list[ScopeRow]:
-    """One row per scope: the estimate, its jackknife interval, mean SNR."""
-    snr = st.snr(total)
+    """One row per scope: the estimate, its jackknife interval, mean SNR, the update:data ratio.
+
+    `updates` maps a parameter name to (||lr * grad||^2, ||w||^2) of the reference run's step that
+    made these weights (empty at step 0)."""
+    b = where.micro_batch
+    snr = st.snr(total, micro_batch=b)
     rows = []
     for scope, groups in layout.scopes.items():
-        est = st.estimate_scope(total, groups)
-        ci = st.jackknife_interval(total, blocks, groups)
+        est = st.estimate_scope(total, groups, micro_batch=b)
+        ci = st.jackknife_interval(total, blocks, groups, micro_batch=b)
         mask = np.concatenate([np.arange(layout.offsets[g], layout.offsets[g + 1]) for g in groups])
         rows.append(
             ScopeRow(
@@ -98,8 +115,7 @@ def scope_rows(
                 train_loss=loss_sum / total.n,
                 scope=scope,
                 n_params=int(mask.size),
-                n_examples=total.n,
-                estimator=ESTIMATOR,
+                n_examples=est.n,
                 grad_sq_norm=est.grad_sq_norm,
                 grad_sq_norm_biased=est.grad_sq_norm_biased,
                 trace_sigma=est.trace_sigma,
@@ -109,6 +125,16 @@ def scope_rows(
                 b_simple_lower_bound=est.b_simple_lower,
                 resolved=est.resolved,
                 snr_mean=float(snr[mask].mean()),
+                update_ratio=update_ratio(updates, [layout.names[g] for g in groups]),
             )
         )
     return rows
+
+
+def update_ratio(updates: Mapping[str, tuple[float, float]], names: Sequence[str]) -> float:
+    """||lr * grad|| / ||w|| over these parameters together (makemore's update:data ratio); NaN without a step."""
+    if not updates:
+        return math.nan
+    step = sum(updates[n][0] for n in names)
+    weight = sum(updates[n][1] for n in names)
+    return math.sqrt(step / weight) if weight > 0 else math.inf

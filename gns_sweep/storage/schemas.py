@@ -13,11 +13,12 @@ PREDICT_SCHEMA = pa.schema(
         ("train_loss", pa.float64()),  # mean loss over the probe examples
         ("eval_loss", pa.float64()),  # mean loss over the task's eval set
         ("n_checkpoints", pa.int64()),  # checkpoints along the reference run
-        ("scope", pa.string()),  # "total" or a layer name as in named_modules()
+        ("scope", pa.string()),  # "total", "norm-layers" or a layer name as in named_modules()
         ("n_params", pa.int64()),  # trainable parameters in the scope
         ("n_examples", pa.int64()),  # probe examples measured
-        ("estimator", pa.string()),  # "per-example"
-        ("engine", pa.string()),  # per-example engine used
+        ("estimator", pa.string()),  # "per-example" or "micro-batch"
+        ("micro_batch", pa.int64()),  # examples per sample: 1 (per-example) or b
+        ("engine", pa.string()),  # engine used: fast, general, loop or micro-batch
         ("grad_sq_norm", pa.float64()),  # unbiased |G|^2 (may be <= 0: unresolved)
         ("grad_sq_norm_biased", pa.float64()),  # ||gbar||^2
         ("trace_sigma", pa.float64()),  # unbiased tr(Sigma)
@@ -27,6 +28,7 @@ PREDICT_SCHEMA = pa.schema(
         ("b_simple_lower_bound", pa.float64()),  # min(n, tr(Sigma)/||gbar||^2): finite even when unresolved
         ("resolved", pa.bool_()),  # |G|^2 > 0 at this probe size
         ("snr_mean", pa.float64()),  # mean per-parameter |gbar_k| / std_k over the scope
+        ("update_ratio", pa.float64()),  # ||lr*grad|| / ||w|| of the step that led here; NaN at step 0
     ]
 )
 
