@@ -12,7 +12,7 @@ from gns_sweep.predict.pipeline import PredictJob, PredictResult, prepare_predic
 from gns_sweep.predict.reference import ReferenceRun, checkpoint_steps
 from gns_sweep.predict.report import LayerFlag, NoiseRow, noise_table
 from gns_sweep.predict.shards import assign, edges, micro_batches, probe_indices
-from gns_sweep.predict.worker import Checkpoint, measure, probe_shard, scope_rows
+from gns_sweep.predict.worker import Checkpoint, measure, probe_checkpoints, probe_shard, scope_rows
 
 __all__ = [
     "DEFAULT_PROBE",
@@ -30,6 +30,7 @@ __all__ = [
     "micro_batches",
     "noise_table",
     "prepare_predict",
+    "probe_checkpoints",
     "probe_indices",
     "probe_shard",
     "run_predict",

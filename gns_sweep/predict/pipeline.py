@@ -8,6 +8,7 @@ not depend on the number of shards.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 
 from gns_sweep import stats as st
@@ -18,10 +19,10 @@ from gns_sweep.predict.reference import ReferenceRun, reference_run
 from gns_sweep.predict.report import LayerFlag, layer_flags, snr_histogram
 from gns_sweep.predict.shards import Unit, assign, edges, micro_batches, probe_indices
 from gns_sweep.predict.validate import validate
-from gns_sweep.predict.worker import Checkpoint, Piece, measure, probe_shard, scope_rows
+from gns_sweep.predict.worker import Checkpoint, Piece, measure, probe_checkpoints, scope_rows
 from gns_sweep.progress import ProgressFn, no_progress
 from gns_sweep.results import NORM, Headline, ScopeRow, headline
-from gns_sweep.runtime import Cluster, Resources
+from gns_sweep.runtime import Cluster, Resources, WorkerInfo
 from gns_sweep.storage import (
     PREDICT_FILE_SCHEMA,
     SweepDir,
@@ -116,30 +117,62 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
     )
     model = init_model(task, config.seed)
     layout = param_layout(model) if config.layer is None else param_layout(model).restrict(config.layer)
-    b = sample_size(config)
     n_blocks, work = probe_grid(config)
-    data = cluster.put((task.train_inputs, task.train_targets, task.loss))  # once, for every task
-    calls, owner, updates = [], [], []
-    for c, step in enumerate(ref.checkpoint_steps):
-        snap = snapshots.pop(step)
-        model.load_state_dict(snap.state)
-        updates.append(snap.updates)
-        model_ref, probe = cluster.put(model), probe_indices(task.n_train, config.probe_size, config.seed, c)
-        for k, units_k in enumerate(work):
-            calls.append(
-                dict(model=model_ref, data=data, probe=probe, units=units_k, engine=config.engine, micro_batch=b)
-            )
-            owner.append((c, k))
-    gather = _Gather(job, ref, layout, n_blocks, shards=len(work), updates=updates)
-    cluster.run(
-        probe_shard,
-        [{**call, "param_moments": True} for call in calls],
-        resources=resources,
-        stage=f"{len(ref.checkpoint_steps)} checkpoints x {len(work)} shards",
-        progress=progress,
-        on_result=lambda i, pieces, worker: gather.add(*owner[i], pieces, worker.node_id),
+    steps = ref.checkpoint_steps
+    groups = checkpoint_groups(len(steps) * len(work), _slots(cluster.resources(), resources))
+    shared = dict(
+        model=cluster.put(model),  # the architecture, once; each task loads its checkpoints' weights
+        data=cluster.put((task.train_inputs, task.train_targets, task.loss)),  # the training set, once
+        engine=config.engine,
+        micro_batch=sample_size(config),
+        param_moments=True,
     )
-    return _result(job, ref, gather, st.snr(gather.last_total, micro_batch=b))
+    updates = [snapshots[s].updates for s in steps]
+    calls, owner = [], []
+    for chunk in groups_of(len(steps), groups, len(work)):
+        states = cluster.put([snapshots.pop(steps[c]).state for c in chunk])  # one copy for every shard
+        probes = [probe_indices(task.n_train, config.probe_size, config.seed, c) for c in chunk]
+        for k, units_k in enumerate(work):
+            calls.append(dict(shared, states=states, probes=probes, units=units_k))
+            owner.append([(c, k) for c in chunk])
+    gather = _Gather(job, ref, layout, n_blocks, shards=len(work), updates=updates)
+
+    def done(i: int, parts: list[list[Piece]], worker: WorkerInfo) -> None:
+        for (c, k), pieces in zip(owner[i], parts, strict=True):
+            gather.add(c, k, pieces, worker.node_id)
+
+    cluster.run(
+        probe_checkpoints,
+        calls,
+        resources=resources,
+        stage=f"{len(steps)} checkpoints x {len(work)} shards in {len(calls)} tasks",
+        progress=progress,
+        on_result=done,
+    )
+    return _result(job, ref, gather, st.snr(gather.last_total, micro_batch=sample_size(config)))
+
+
+TASKS_PER_SLOT = 4  # checkpoints are grouped into about this many tasks per CPU slot: balance vs overhead
+
+
+def _slots(have: dict[str, float], each: Resources) -> int:
+    """How many tasks of this size the cluster runs at once."""
+    slots = int(have.get("CPU", 1) // each.num_cpus)
+    if each.num_gpus > 0:
+        slots = min(slots, int(have.get("GPU", 0) // each.num_gpus))
+    return max(slots, 1)
+
+
+def checkpoint_groups(units: int, slots: int) -> int:
+    """How many tasks to run the (checkpoint, shard) units in: a few per slot, never more than the units."""
+    return max(1, min(units, TASKS_PER_SLOT * slots))
+
+
+def groups_of(checkpoints: int, groups: int, shards: int) -> list[list[int]]:
+    """Consecutive runs of checkpoints, one task per run and shard: `groups` tasks in all, about."""
+    runs = max(1, min(checkpoints, groups // shards))
+    bounds = [round(i * checkpoints / runs) for i in range(runs + 1)]
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
 
 def probe_grid(config: PredictConfig) -> tuple[int, list[list[Unit]]]:

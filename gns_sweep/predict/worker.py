@@ -40,15 +40,45 @@ def probe_shard(
     the samples are the mean gradients of b examples at a time (the micro-batch estimator), and the
     model may couple examples.
     """
+    model = model.to(worker.device).train()
+    eng = _engine(model, engine, micro_batch)
+    return _pieces(eng, model, param_layout(model), data, probe, units, param_moments, worker.device)
+
+
+def probe_checkpoints(
+    *,
+    model: nn.Module,
+    states: Sequence[dict],
+    data: tuple,
+    probes: Sequence[torch.Tensor],
+    units: Sequence[Unit],
+    engine: str,
+    micro_batch: int,
+    param_moments: bool,
+    worker: WorkerInfo,
+) -> list[list[Piece]]:
+    """probe_shard for several checkpoints in one task: `model` takes each of `states` in turn, and one
+    engine serves them all (it keeps what it learnt of the model's structure), so a short probe does not
+    pay a Ray task and an engine's set-up per checkpoint. One list of pieces per state."""
+    model = model.to(worker.device).train()
+    eng, layout = _engine(model, engine, micro_batch), param_layout(model)
+    out = []
+    for state, probe in zip(states, probes, strict=True):
+        model.load_state_dict(state)  # in place: the engine's view of the model stays valid
+        out.append(_pieces(eng, model, layout, data, probe, units, param_moments, worker.device))
+    return out
+
+
+def _engine(model: nn.Module, engine: str, micro_batch: int):
+    if micro_batch > 1:
+        return MicroBatchEngine(micro_batch)
+    refuse_coupled_layers(model)
+    return get_engine(engine)
+
+
+def _pieces(eng, model, layout, data, probe, units, param_moments: bool, device: str) -> list[Piece]:
     all_inputs, all_targets, loss = data
     inputs, targets = all_inputs[probe], all_targets[probe]  # (probe_size, ...): this checkpoint's draw
-    model = model.to(worker.device).train()
-    if micro_batch > 1:
-        eng = MicroBatchEngine(micro_batch)
-    else:
-        refuse_coupled_layers(model)
-        eng = get_engine(engine)
-    layout = param_layout(model)
     out: list[Piece] = []
     acc, block = None, None
     for b, lo, hi in units:
@@ -56,8 +86,7 @@ def probe_shard(
             if acc is not None:
                 out.append((block, acc.moments(), acc.loss_sum))
             acc, block = SumAccumulator(layout, param_moments=param_moments), b
-        x = inputs[lo:hi].to(worker.device)
-        y = targets[lo:hi].to(worker.device)
+        x, y = inputs[lo:hi].to(device), targets[lo:hi].to(device)
         acc.add(eng.batch_sums(model, x, y, loss, layout, param_moments=param_moments))
     if acc is not None:
         out.append((block, acc.moments(), acc.loss_sum))
