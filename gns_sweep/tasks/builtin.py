@@ -205,10 +205,25 @@ def linreg_ill() -> Task:
     )
 
 
+def _real(module: str) -> Callable[[], Task]:
+    """A task on real data, imported when it is made (its data is read then, not on import)."""
+
+    def make() -> Task:
+        import importlib
+
+        return importlib.import_module(f"gns_sweep.tasks.{module}").make()
+
+    make.__name__ = module
+    return make
+
+
 BUILTINS: dict[str, Callable[[], Task]] = {
     "blobs-clean": blobs_clean,
     "blobs-noisy": blobs_noisy,
     "linreg": linreg,
     "linreg-ill": linreg_ill,
+    "charmlp": _real("charmlp"),
+    "tinygpt": _real("tinygpt"),
+    "digits-cnn": _real("digits_cnn"),
 }
 DEFAULT_TASK = "blobs-noisy"
