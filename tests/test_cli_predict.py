@@ -250,7 +250,9 @@ def test_address_auto_names_a_dead_ray_address_within_seconds(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--address 'auto' = 127.0.0.1:1 (found in RAY_ADDRESS): " in lines[0], proc.stderr
-    assert took < 30 and not out.exists()
+    # Ray's own wait for a GCS is minutes; the refusal comes after the import and one refused connection
+    # (about 5 s here, up to 40 s on a machine under heavy load): the bound only catches that wait
+    assert took < 100 and not out.exists()
 
 
 def test_address_auto_joins_the_cluster_in_ray_address(tmp_path, ray_address, monkeypatch):
