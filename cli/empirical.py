@@ -1,4 +1,4 @@
-"""`gns-sweep empirical`: the batch-size sweep, one Ray task per (batch size, lr, seed)."""
+"""`gns-sweep empirical`: the batch-size sweep, a Ray task per (batch size, lr, seed) or per chunk of short ones."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def describe_plan(p: Plan) -> None:
 
 
 def summary(r: EmpiricalResult) -> dict:
-    rows = [{k: json_ready(v) for k, v in row.items() if k not in ("curve_steps", "curve_losses")} for row in r.records]
+    rows = [{k: json_ready(v) for k, v in row.items()} for row in r.records]
     return {
         "task": r.plan.task,
         "out": str(r.out.path) if r.out else None,
@@ -80,19 +80,24 @@ def render(r: EmpiricalResult) -> None:
     t = Table(title=f"trials per batch size (target eval loss {r.plan.target_loss:g})")
     for col in ("batch", "lrs", "reached", "budget", "diverged", "fewest steps", "at lr"):
         t.add_column(col, justify="right")
+    counts = {b: dict.fromkeys(("reached", "budget", "diverged"), 0) for b in r.plan.batch_sizes}
+    best: dict[int, dict] = {}  # per batch size: the trial with the fewest steps to the target
+    for row in r.records:  # one pass: a sweep may hold many thousands of trials
+        b = row["batch_size"]
+        if row["status"] in counts.get(b, {}):
+            counts[b][row["status"]] += 1
+        steps = row["steps_to_target"]
+        if steps is not None and (b not in best or steps < best[b]["steps_to_target"]):
+            best[b] = row
     for b, grid in zip(r.plan.batch_sizes, r.plan.lrs, strict=True):
-        rows = [row for row in r.records if row["batch_size"] == b]
-        counts = {s: sum(1 for row in rows if row["status"] == s) for s in ("reached", "budget", "diverged")}
-        reached = [row for row in rows if row["steps_to_target"] is not None]
-        best = min(reached, key=lambda row: row["steps_to_target"]) if reached else None
         t.add_row(
             str(b),
             f"{grid[0]:.3g}..{grid[-1]:.3g}" if len(grid) > 1 else f"{grid[0]:.3g}",
-            str(counts["reached"]),
-            str(counts["budget"]),
-            str(counts["diverged"]),
-            str(best["steps_to_target"]) if best else "-",
-            f"{best['lr']:.3g}" if best else "-",
+            str(counts[b]["reached"]),
+            str(counts[b]["budget"]),
+            str(counts[b]["diverged"]),
+            str(best[b]["steps_to_target"]) if b in best else "-",
+            f"{best[b]['lr']:.3g}" if b in best else "-",
         )
     out.print(t)
     resumed = f" ({r.resumed} already on disk)" if r.resumed else ""

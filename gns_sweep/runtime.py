@@ -5,7 +5,9 @@ records say, bound to 127.0.0.1 only, no dashboard. Joining a cluster follows it
 authentication: a token exactly when its GCS asks for one. Library functions run on
 workers unchanged: they receive a `WorkerInfo` (device, node, threads) and return
 plain data. A task whose worker process or node dies is run again (Ray's retries);
-one whose own code raises is not.
+one whose own code raises is not. `Cluster.run` makes one Ray task per call;
+`Cluster.stream` packs many short calls into each Ray task and hands back each
+call's result as it finishes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +34,13 @@ _AUTH_MODE_ENV = "RAY_AUTH_MODE"  # "token" or "disabled": how this process's Ra
 DEFAULT_MAX_RETRIES = 3  # re-runs of a task whose worker process or node died
 # While asking a GCS whether it wants a token: give up on a port that is not Ray's in ~6 s, not Ray's 40.
 _PROBE_TIMEOUTS = {"RAY_py_gcs_connect_timeout_s": "3", "RAY_gcs_rpc_server_connect_timeout_s": "2"}
+# Cluster.stream: how much work one Ray task gets. A Ray task costs a few ms of scheduling; calls that
+# take less are packed several to a task, up to about this many seconds of them ...
+CHUNK_SECONDS = 0.5
+MAX_CHUNK = 1000  # ... and at most this many calls
+IN_FLIGHT_PER_SLOT = 2  # tasks submitted per free slot: one running, one queued behind it
+SLOTS_REFRESH_SECONDS = 5.0  # how often the cluster's size is asked again (nodes come and go)
+PROGRESS_SECONDS = 0.1  # progress events at most this often (and at the end)
 
 
 @dataclass(frozen=True)
@@ -145,11 +155,11 @@ class Cluster:
         results: list[Any] = [None] * len(calls)
         done = failed = 0
         total = len(calls)
-        progress(ProgressEvent(stage, 0, total, 0, min(total, self._slots(resources))))
+        slots = _Slots(self, resources)
+        progress(ProgressEvent(stage, 0, total, 0, min(total, slots.get())))
         try:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                for ref in ready:
+                for ref in _ready(list(pending)):
                     i = pending.pop(ref)
                     try:
                         value, worker = ray.get(ref)
@@ -164,17 +174,126 @@ class Cluster:
                         if on_result is not None:
                             on_result(i, value, worker)
                     done += 1
-                running = min(len(pending), self._slots(resources))
-                progress(ProgressEvent(stage, done, total, failed, running))
+                progress(ProgressEvent(stage, done, total, failed, min(len(pending), slots.get())))
         except KeyboardInterrupt as exc:
             if not self.started_local:  # a local instance stops with its driver, which is on its way out
                 _cancel(pending)  # (cancelling there only risks Ray 2.60's cancel/reply race, which aborts)
-            stop = TerminatedRun if isinstance(exc, Terminated) else Interrupted
+            stop = TerminatedRun if _terminated(exc) else Interrupted
             raise stop(f"interrupted: {done} of {total} {stage} finished, the rest were cancelled") from None
         except BaseException:
             _cancel(pending)
             raise
         return results
+
+    def stream(
+        self,
+        fn: Callable[..., Any],
+        calls: Sequence[dict[str, Any]],
+        *,
+        shared: dict[str, Any] | None = None,
+        resources: Resources = Resources(),
+        stage: str = "tasks",
+        progress: ProgressFn = no_progress,
+        on_result: Callable[[int, Any, WorkerInfo], None],
+        on_error: Callable[[int, GnsError, WorkerInfo | None], None],
+        chunk_seconds: float = CHUNK_SECONDS,
+    ) -> None:
+        """fn(**shared, **call, worker=...) for every call, several calls per Ray task when they are short.
+
+        Each Ray task runs a chunk of consecutive calls and hands back each call's result as soon as
+        it returns (a Ray streaming generator): on_result(i, result, worker) fires once per call, in
+        the driver, however often Ray re-ran its chunk (a chunk whose worker process or node dies is
+        run again, up to resources.max_retries times; calls already handed back are not handed back
+        again). A call whose own code raises is reported by on_error(i, error, worker) and the rest of
+        its chunk goes on; a chunk that died on every try reports each call it had not handed back.
+        Results are not kept: handle each in on_result.
+
+        Chunk sizes follow the measured duration of the calls: one call per task until some have
+        finished, then about `chunk_seconds` of calls per task, smaller towards the end so the last
+        tasks finish together. `shared` values (e.g. handles from `put`) are fetched once per task;
+        `calls` hold plain data.
+        """
+        import ray
+
+        self.check_resources(resources)
+        remote = ray.remote(_run_chunk_on_worker).options(
+            name="_run_on_worker",  # the process title while it runs: ray::_run_on_worker
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            max_retries=resources.max_retries,
+            retry_exceptions=False,  # the task's own exception would only repeat
+            num_returns="streaming",
+            **({"scheduling_strategy": os.environ["GNS_SCHED"]} if os.environ.get("GNS_SCHED") else {}),
+        )
+        shared = dict(shared or {})
+        names, values = tuple(shared), tuple(shared.values())  # top-level arguments: Ray fetches handles
+        threads = max(1, int(resources.num_cpus))
+        total = len(calls)
+        handed = bytearray(total)  # 1 once a call's result or failure went to on_result / on_error
+        pending: dict[Any, range] = {}  # generator -> the calls of its chunk
+        slots = _Slots(self, resources)
+        state = _ChunkState(total)
+
+        def submit() -> None:
+            while state.next_call < total and len(pending) < IN_FLIGHT_PER_SLOT * slots.get():
+                size = state.chunk_size(slots.get(), chunk_seconds)
+                chunk = range(state.next_call, state.next_call + size)
+                state.next_call += size
+                gen = remote.remote(fn, threads, names, [calls[i] for i in chunk], *values)
+                pending[gen] = chunk
+                state.in_flight += size
+
+        def fail_rest(gen: Any, error: GnsError, where: WorkerInfo | None) -> None:
+            for i in pending.pop(gen):
+                if not handed[i]:
+                    handed[i] = 1
+                    state.in_flight -= 1
+                    state.done += 1
+                    state.failed += 1
+                    on_error(i, error, where)
+
+        last_event = 0.0
+        try:
+            submit()
+            progress(ProgressEvent(stage, 0, total, 0, min(state.in_flight, slots.get())))
+            while pending:
+                for gen in _ready(list(pending)):
+                    try:
+                        ref = next(gen)
+                    except StopIteration:  # the chunk is over; a call it never handed back counts as failed
+                        fail_rest(gen, RunError("a task ended without the result of one of its calls"), None)
+                        continue
+                    try:
+                        j, value, error, worker, seconds = ray.get(ref)
+                    except Exception as exc:  # the chunk died on every try, or could not start
+                        fail_rest(gen, *_failure(exc, resources.max_retries))
+                        continue
+                    i = pending[gen][j]
+                    if handed[i]:
+                        continue
+                    handed[i] = 1
+                    state.in_flight -= 1
+                    state.done += 1
+                    state.measured(seconds)
+                    if error is None:
+                        on_result(i, value, worker)
+                    else:
+                        state.failed += 1
+                        on_error(i, error, worker)
+                submit()
+                now = time.monotonic()
+                if now - last_event >= PROGRESS_SECONDS or not pending:
+                    last_event = now
+                    running = min(state.in_flight, slots.get())
+                    progress(ProgressEvent(stage, state.done, total, state.failed, running))
+        except KeyboardInterrupt as exc:
+            if not self.started_local:  # as in run
+                _cancel(pending)
+            stop = TerminatedRun if _terminated(exc) else Interrupted
+            raise stop(f"interrupted: {state.done} of {total} {stage} finished, the rest were cancelled") from None
+        except BaseException:
+            _cancel(pending)
+            raise
 
     def _slots(self, resources: Resources) -> int:
         have = self.resources()
@@ -198,13 +317,72 @@ class Cluster:
             )
 
 
+# Set by the SIGTERM handler: a signal that lands inside a Ray wait comes out of it as a plain
+# KeyboardInterrupt (Ray turns the handler's exception into one), so the type alone cannot tell.
+_SIGTERM = threading.Event()
+
+
+def _terminated(exc: KeyboardInterrupt) -> bool:
+    """Whether this interrupt is SIGTERM's (exit 143) rather than Ctrl-C's (exit 130)."""
+    return isinstance(exc, Terminated) or _SIGTERM.is_set()
+
+
+class _Slots:
+    """How many tasks of this size the cluster runs at once, asked again every few seconds."""
+
+    def __init__(self, cluster: Cluster, resources: Resources) -> None:
+        self.cluster, self.resources = cluster, resources
+        self.value, self.asked = cluster._slots(resources), time.monotonic()
+
+    def get(self) -> int:
+        if time.monotonic() - self.asked > SLOTS_REFRESH_SECONDS:
+            self.value, self.asked = self.cluster._slots(self.resources), time.monotonic()
+        return self.value
+
+
+@dataclass
+class _ChunkState:
+    """Cluster.stream's counts, and the chunk size from the calls' measured durations."""
+
+    total: int
+    next_call: int = 0  # the first call not yet submitted
+    in_flight: int = 0  # submitted calls not yet handed back
+    done: int = 0
+    failed: int = 0
+    seconds: float | None = None  # a moving average of the calls' durations on the workers
+
+    def measured(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds is None else 0.8 * self.seconds + 0.2 * seconds
+
+    def chunk_size(self, slots: int, chunk_seconds: float) -> int:
+        remaining = self.total - self.next_call
+        if self.seconds is None:  # nothing measured yet
+            return 1
+        size = min(int(chunk_seconds / max(self.seconds, 1e-6)), MAX_CHUNK, remaining // (2 * slots))
+        return max(1, min(size, remaining))
+
+
+def _ready(waitables: list) -> list:
+    """Those of the refs or generators that are ready: waits up to a second for the first, then takes
+    every other one ready by then (one wait per result would cost a pass over all of them each)."""
+    import ray
+
+    ready, rest = ray.wait(waitables, num_returns=1, timeout=1.0)
+    if ready and rest:
+        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+        ready += more
+    return ready
+
+
 def _stop_on_sigterm() -> None:
     """Make SIGTERM unwind the driver like Ctrl-C (cancel, stop Ray, keep results) while the cluster is open.
 
     ray.init installs handlers that dump a native stack trace or exit with 15; the Cluster restores
     the handler from before ray.init on exit. Only the main thread may set handlers."""
+    _SIGTERM.clear()
 
     def raise_terminated(signum, frame):
+        _SIGTERM.set()
         raise Terminated()
 
     signal.signal(signal.SIGTERM, raise_terminated)
@@ -443,6 +621,29 @@ def _run_on_worker(fn: Callable[..., Any], threads: int, names: tuple[str, ...],
         raise TaskFailed(message if known else f"{type(exc).__name__}: {message}", worker, known) from None
 
 
+def _run_chunk_on_worker(fn: Callable[..., Any], threads: int, names: tuple[str, ...], calls: list, *values: Any):
+    """fn(**shared, **call, worker=...) for each call in turn, yielding (index in the chunk, result, error,
+    worker, seconds) as each returns. A call whose own code raises yields its error (a GnsError) and
+    the next call runs: one broken trial does not take its chunk with it."""
+    import ray
+    import torch
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
+    worker = WorkerInfo(device=device, node_id=ray.get_runtime_context().get_node_id(), threads=threads)
+    shared = dict(zip(names, values, strict=True))
+    for j, call in enumerate(calls):
+        start = time.perf_counter()
+        try:
+            _check_device(worker)
+            value, error = fn(**shared, **call, worker=worker), None
+        except Exception as exc:
+            message = " ".join(str(exc).split())
+            value, error = None, exc if isinstance(exc, GnsError) else RunError(f"{type(exc).__name__}: {message}")
+        yield j, value, error, worker, time.perf_counter() - start
+
+
 def _check_device(worker: WorkerInfo) -> None:
     """A task given a GPU trains on it or fails: never on the CPU while a GPU sits reserved."""
     import torch
@@ -475,6 +676,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _cancel(pending: dict) -> None:
+    """Cancel the tasks behind these refs or generators."""
     import ray
 
     for ref in pending:

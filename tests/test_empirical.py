@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -190,3 +191,87 @@ def test_a_pilot_target_needs_tens_of_steps_at_the_largest_batch(monkeypatch):
     assert reached and min(reached) >= 10, [r.steps_to_target for r in steps]
     mid_lrs = plan.lrs[len(plan.batch_sizes) // 2]
     assert train(task, TrainConfig(mid, mid_lrs[2], plan.budget_examples, plan.target_loss, seed=1)).status == "reached"
+
+
+def test_short_calls_share_ray_tasks_and_a_raising_call_does_not_stop_its_chunk(cluster):
+    """Cluster.stream packs short calls several to a Ray task and hands back each once; a call that
+    raises is reported on its own while the calls after it in the same task still run."""
+    task_state = {}  # pickled with fn: one fresh copy per Ray task
+
+    def fn(*, i, scale, worker):
+        task_state.setdefault("task", os.urandom(8).hex())
+        if i % 10 == 3:
+            raise ValueError(f"call {i} refuses")
+        return i * scale, task_state["task"]
+
+    results, errors = {}, {}
+    cluster.stream(
+        fn,
+        [{"i": i} for i in range(150)],
+        shared={"scale": cluster.put(2)},
+        on_result=lambda i, value, worker: results.setdefault(i, []).append(value),
+        on_error=lambda i, error, worker: errors.setdefault(i, []).append((str(error), worker)),
+    )
+    assert set(results) | set(errors) == set(range(150)) and not set(results) & set(errors)
+    assert all(len(v) == 1 for v in [*results.values(), *errors.values()])  # each call handed back once
+    assert all(value == i * 2 for i, [(value, _)] in results.items())
+    assert set(errors) == {i for i in range(150) if i % 10 == 3}
+    assert all(message == f"ValueError: call {i} refuses" and worker for i, [(message, worker)] in errors.items())
+    tasks: dict[str, list[int]] = {}
+    for i, [(_, task)] in results.items():
+        tasks.setdefault(task, []).append(i)
+    assert max(map(len, tasks.values())) > 1  # several calls per Ray task
+    # some task ran calls on both sides of a call that raised: its chunk went on
+    assert any(min(ids) < i < max(ids) for ids in tasks.values() for i in errors)
+
+
+def test_chunks_follow_the_measured_call_time_and_shrink_towards_the_end():
+    from gns_sweep.runtime import CHUNK_SECONDS, MAX_CHUNK, _ChunkState
+
+    state = _ChunkState(total=10_000)
+    assert state.chunk_size(slots=2, chunk_seconds=CHUNK_SECONDS) == 1  # nothing measured yet
+    state.measured(0.005)
+    assert state.chunk_size(slots=2, chunk_seconds=0.5) == 100
+    state.measured(2.0)  # long calls: one per task, as a sweep of long trials always had
+    for _ in range(30):
+        state.measured(2.0)
+    assert state.chunk_size(slots=2, chunk_seconds=0.5) == 1
+    tiny = _ChunkState(total=100_000, seconds=1e-6)
+    assert tiny.chunk_size(slots=2, chunk_seconds=0.5) == MAX_CHUNK
+    tiny.next_call = 100_000 - 40
+    assert tiny.chunk_size(slots=2, chunk_seconds=0.5) == 10  # the last ones: two chunks per slot at least
+
+
+def test_a_killed_sweep_resumes_with_only_its_unwritten_trials(ray_address, tmp_path):
+    """What a driver killed mid-sweep leaves (some trial files, a half-written one, no tables): --resume
+    runs just the trials without a file, keeps the others as they were, and each is in the tables once."""
+    out = tmp_path / "resumed"
+    sweep = SweepDir(out)
+    args = [
+        "empirical", "--task", "blobs-noisy", "--batch-sizes", "8,16", "--lrs", "0.1,0.2", "--seeds", "2",
+        "--budget-examples", "64", "--target-loss", "0", "--out", str(out), "--address", ray_address,
+    ]  # fmt: skip
+    assert invoke(*args).exit_code == 0
+    first = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    first_curves = pd.read_parquet(out / "curves.parquet")
+    lost = sorted(first.index)[::3]
+    for tid in lost:
+        sweep.trial(tid).unlink()
+    (sweep.trials_dir / f".{lost[0]}.parquet.x1y2.tmp").write_bytes(b"half a file")
+    (out / "trials.parquet").unlink()
+    (out / "curves.parquet").unlink()
+
+    result = invoke(*args, "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["trials"] == 8 and doc["resumed"] == 8 - len(lost)
+    assert set(doc["rows"][0]) == set(pd.read_parquet(out / "trials.parquet").columns)  # no curves
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert sorted(trials.index) == sorted(first.index) and trials.index.is_unique
+    kept = first.index.difference(lost)
+    pd.testing.assert_frame_equal(trials.loc[kept], first.loc[kept])  # not run again
+    assert not (trials.loc[lost, "wall_seconds"] == first.loc[lost, "wall_seconds"]).any()  # run again
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert len(curves) == len(first_curves) and set(curves.trial_id) == set(first.index)
+    assert sweep.finished_trial_ids() == set(first.index)
+    assert not [p for p in out.rglob(".*")]

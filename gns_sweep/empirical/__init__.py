@@ -1,4 +1,4 @@
-"""`empirical`: measure steps-to-target over a (batch size, lr, seed) grid, one Ray task per trial.
+"""`empirical`: measure steps-to-target over a (batch size, lr, seed) grid, trials as Ray tasks.
 
 One module per job: config (settings and the plan's types), validate (checks
 before any work), planning (lr grid, stability probe, pilot target), trial
@@ -6,9 +6,9 @@ before any work), planning (lr grid, stability probe, pilot target), trial
 """
 
 from gns_sweep.empirical.config import EmpiricalConfig, Plan, TrialSpec, settings, trial_id
-from gns_sweep.empirical.pipeline import EmpiricalJob, EmpiricalResult, prepare_empirical, run_empirical
+from gns_sweep.empirical.pipeline import EmpiricalJob, EmpiricalResult, TrialRows, prepare_empirical, run_empirical
 from gns_sweep.empirical.planning import lr_grid, make_plan, pilot_target, stable_lr
-from gns_sweep.empirical.trial import TrialRecord, run_trial
+from gns_sweep.empirical.trial import TrialRecord, run_trial, run_trial_file
 
 __all__ = [
     "EmpiricalConfig",
@@ -16,6 +16,7 @@ __all__ = [
     "EmpiricalResult",
     "Plan",
     "TrialRecord",
+    "TrialRows",
     "TrialSpec",
     "lr_grid",
     "make_plan",
@@ -23,6 +24,7 @@ __all__ = [
     "prepare_empirical",
     "run_empirical",
     "run_trial",
+    "run_trial_file",
     "settings",
     "stable_lr",
     "trial_id",

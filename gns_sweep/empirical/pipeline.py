@@ -1,31 +1,40 @@
 """The sweep as two calls: `prepare_empirical` (checks and the plan, no Ray, writes nothing) and
-`run_empirical` (one Ray task per trial).
+`run_empirical` (the trials, as Ray tasks).
 
-Every finished trial is written at once to DIR/trials/<trial_id>.parquet; the
-consolidated trials.parquet and curves.parquet are rewritten as the sweep goes.
-A trial whose worker process or node dies is run again by Ray; one whose own
-code raises is recorded as failed (with its error) while the others go on.
---resume runs the trials of the plan whose file is missing or says failed.
+Every finished trial is written at once, atomically, to DIR/trials/<trial_id>.parquet
+(the worker encodes the file, the driver only writes its bytes); that folder is the
+resume index. trials.parquet and curves.parquet are made from it when the sweep
+ends, also after a failure, Ctrl-C or SIGTERM, by streaming through the trial files
+in plan order: nothing is rewritten while the sweep runs, and the driver holds no
+curves. Short trials run several to a Ray task (Cluster.stream), each still handed
+back, written and counted on its own. A trial whose worker process or node dies is
+run again by Ray; one whose own code raises is recorded as failed (with its error)
+while the others go on. --resume runs the trials of the plan whose file is missing
+or says failed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, overload
+
+import pyarrow as pa
 
 from gns_sweep.empirical.config import EmpiricalConfig, Plan, TrialSpec, settings
 from gns_sweep.empirical.planning import make_plan
-from gns_sweep.empirical.trial import TrialRecord, failed_record, run_trial
+from gns_sweep.empirical.trial import failed_record, run_trial_file
 from gns_sweep.empirical.validate import validate
 from gns_sweep.errors import GnsError, RunError, UsageError
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 from gns_sweep.runtime import Cluster, Resources, WorkerInfo
-from gns_sweep.storage import PLAN_SCHEMA, SweepDir, read_settings, settings_diff, write_table
+from gns_sweep.storage import PLAN_SCHEMA, TRIALS_SCHEMA, SweepDir, read_settings, settings_diff, write_table
+from gns_sweep.storage.sweep_dir import light_row, trial_metadata
 from gns_sweep.tasks import Task, load_task
 from gns_sweep.train import FAILED
 
-CONSOLIDATE_SECONDS = 5.0  # rewrite trials.parquet / curves.parquet at most this often
+ROWS_PER_BATCH = 1024  # trial rows the driver gathers before packing them into an Arrow batch
 
 
 @dataclass(frozen=True)
@@ -43,10 +52,37 @@ class EmpiricalJob:
 @dataclass(frozen=True)
 class EmpiricalResult:
     plan: Plan
-    records: tuple[dict, ...]  # every trial of the plan on disk, as trials.parquet rows (+ curves)
+    records: TrialRows  # every trial of the plan on disk (or run, without --out), as trials.parquet rows
     resumed: int  # trials found on disk and not run again
     wall_seconds: float  # of this invocation's trials
     out: SweepDir | None
+
+
+class TrialRows(Sequence[dict]):
+    """Trial rows (trials.parquet's columns, no curves), in plan order, kept as one Arrow table: dicts are
+    made as they are read, so a sweep of any size costs the driver a few hundred bytes per trial."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @overload
+    def __getitem__(self, i: int) -> dict: ...
+    @overload
+    def __getitem__(self, i: slice) -> TrialRows: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return TrialRows(self.table.take(pa.array(range(len(self))[i], pa.int64())))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self.table.slice(i % n, 1).to_pylist()[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.table.to_batches(max_chunksize=ROWS_PER_BATCH):
+            yield from batch.to_pylist()
 
 
 def prepare_empirical(
@@ -95,12 +131,16 @@ def run_empirical(job: EmpiricalJob, cluster: Cluster, *, progress: ProgressFn =
     cluster.check_resources(resources)  # before any file: a missing GPU is bad input
     sink = _TrialSink(job)
     todo = [t for t in job.plan.trials if t.trial_id not in job.done]
-    task_ref = cluster.put(job.task)
-    calls = [
-        dict(task=task_ref, trial=t, target_loss=job.plan.target_loss, budget_examples=job.plan.budget_examples)
-        for t in todo
-    ]
-    failed: list[TrialRecord] = []
+    shared = dict(
+        task=cluster.put(job.task),
+        target_loss=job.plan.target_loss,
+        budget_examples=job.plan.budget_examples,
+        metadata=sink.metadata,
+    )
+    failed: list[tuple[int, str, str]] = []  # (position in todo, trial id, error)
+
+    def on_result(i: int, value: tuple[dict, bytes | None], worker: WorkerInfo) -> None:
+        sink.add(*value)
 
     def on_error(i: int, error: GnsError, worker: WorkerInfo | None) -> None:
         record = failed_record(
@@ -111,69 +151,88 @@ def run_empirical(job: EmpiricalJob, cluster: Cluster, *, progress: ProgressFn =
             error=str(error),
             worker=worker,
         )
-        failed.append(record)
-        sink.add(record)
+        failed.append((i, record.trial_id, str(error)))
+        sink.add(asdict(record))
 
     start = time.perf_counter()
     if job.done:
         progress(ProgressEvent("trials (resumed: already on disk)", len(job.done), len(job.done)))
     try:
-        cluster.run(
-            run_trial,
-            calls,
+        cluster.stream(
+            run_trial_file,
+            [{"trial": t} for t in todo],
+            shared=shared,
             resources=resources,
             stage="trials",
             progress=progress,
-            on_result=lambda i, record, worker: sink.add(record),
+            on_result=on_result,
             on_error=on_error,
         )
     finally:
-        sink.consolidate(force=True)
+        records = sink.finish()
     if failed:
-        raise RunError(_failures(failed, len(todo), job.out))
+        raise RunError(_failures(sorted(failed), len(todo), job.out))
     wall = time.perf_counter() - start
-    return EmpiricalResult(job.plan, tuple(sink.rows.values()), len(job.done), wall, job.out)
+    return EmpiricalResult(job.plan, records, len(job.done), wall, job.out)
 
 
-def _failures(failed: list[TrialRecord], ran: int, out: SweepDir | None) -> str:
-    """One line: how many failed, which, the first error, and what to do."""
-    names = ", ".join(r.trial_id for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
+def _failures(failed: list[tuple[int, str, str]], ran: int, out: SweepDir | None) -> str:
+    """One line: how many failed, which (in plan order), the first one's error, and what to do."""
+    names = ", ".join(tid for _, tid, _ in failed[:5]) + (", ..." if len(failed) > 5 else "")
     where = f"recorded in {out.trials} (status failed, column error)" if out else "not written (no --out)"
     return (
-        f"{len(failed)} of {ran} trials failed ({names}); first error: {failed[0].error}; they are {where}, "
+        f"{len(failed)} of {ran} trials failed ({names}); first error: {failed[0][2]}; they are {where}, "
         "the other trials are kept; fix the cause and rerun with --resume to run the failed ones again"
     )
 
 
 class _TrialSink:
-    """Where trials go: their own file at once, the consolidated tables now and then; one row per trial id,
-    so a trial written again (a failed one run anew) replaces its row."""
+    """Where trials go: their own file at once; trials.parquet and curves.parquet at the end (`finish`).
+
+    The driver keeps each trial's row without its curve, packed into Arrow batches; a trial
+    written again (a failed one run anew) replaces its file, and its latest row counts."""
 
     def __init__(self, job: EmpiricalJob) -> None:
         self.out = job.out
         self.settings = settings(job.config, job.plan)
-        self.rows: dict[str, dict[str, Any]] = {}
-        self.last_write = time.monotonic()
+        self.metadata = None if self.out is None else trial_metadata(self.settings)  # for the workers' files
+        self.order = sorted(job.plan.trials, key=lambda t: (t.batch_size, t.lr, t.seed))  # the tables' row order
+        self.pending: list[dict[str, Any]] = []
+        self.batches: list[pa.RecordBatch] = []
         if self.out is not None:
             if job.overwrite:
                 self.out.remove_sweep()
+            self.out.remove_temporaries()
             write_table(self.out.plan, [_plan_row(t) for t in job.plan.trials], PLAN_SCHEMA, self.settings)
-            planned = {t.trial_id for t in job.plan.trials}
-            on_disk = self.out.read_trials(self.out.finished_trial_ids() & planned)  # failed ones too, until rerun
-            self.rows = {row["trial_id"]: row for row in on_disk}
 
-    def add(self, record: TrialRecord) -> None:
-        row = asdict(record)
+    def add(self, row: Mapping[str, Any], data: bytes | None = None) -> None:
+        """A finished trial: its row (with its curve, unless `data` is its file encoded by the worker)."""
         if self.out is not None:
-            self.out.write_trial(row, self.settings)
-        self.rows[record.trial_id] = row
-        self.consolidate()
+            if data is None:
+                self.out.write_trial(row, self.settings)
+            else:
+                self.out.write_trial_file(row["trial_id"], data)
+        self.pending.append(light_row(row))
+        if len(self.pending) >= ROWS_PER_BATCH:
+            self._pack()
 
-    def consolidate(self, force: bool = False) -> None:
-        if self.out is None or not (force or time.monotonic() - self.last_write > CONSOLIDATE_SECONDS):
-            return
-        self.out.write_sweep_tables(list(self.rows.values()), self.settings)
-        self.last_write = time.monotonic()
+    def _pack(self) -> None:
+        if self.pending:
+            self.batches.append(pa.RecordBatch.from_pylist(self.pending, schema=TRIALS_SCHEMA))
+            self.pending = []
+
+    def finish(self) -> TrialRows:
+        """Write trials.parquet and curves.parquet (every planned trial on disk, in plan order) and return
+        the rows; without an output folder, the rows of the trials run."""
+        self._pack()
+        known = pa.Table.from_batches(self.batches, schema=TRIALS_SCHEMA)
+        if self.out is None:
+            latest = {tid: i for i, tid in enumerate(known.column("trial_id").to_pylist())}
+            take = [latest[t.trial_id] for t in self.order if t.trial_id in latest]
+            return TrialRows(known.take(pa.array(take, pa.int64())))
+        on_disk = self.out.finished_trial_ids()
+        ids = [t.trial_id for t in self.order if t.trial_id in on_disk]
+        return TrialRows(self.out.consolidate(ids, self.settings, known))
 
 
 def _plan_row(t: TrialSpec) -> dict[str, Any]:

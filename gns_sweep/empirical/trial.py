@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from gns_sweep.empirical.config import TrialSpec
 from gns_sweep.runtime import WorkerInfo
+from gns_sweep.storage.sweep_dir import encode_trial, light_row
 from gns_sweep.tasks import Task
 from gns_sweep.train import FAILED, TrainConfig, train
 
@@ -74,6 +77,23 @@ def run_trial(
         curve_steps=r.curve_steps,
         curve_losses=r.curve_losses,
     )
+
+
+def run_trial_file(
+    *,
+    task: Task,
+    trial: TrialSpec,
+    target_loss: float,
+    budget_examples: int,
+    metadata: Mapping[bytes, bytes] | None,
+    worker: WorkerInfo,
+) -> tuple[dict[str, Any], bytes | None]:
+    """What the sweep runs on a worker per trial: `run_trial`, then its trials.parquet row (no curve) for
+    the driver and, when the sweep is written (metadata: the trial files' settings), its whole file as
+    bytes, encoded here so the driver only copies them to disk."""
+    record = run_trial(task=task, trial=trial, target_loss=target_loss, budget_examples=budget_examples, worker=worker)
+    row = asdict(record)
+    return light_row(row), None if metadata is None else encode_trial(row, metadata)
 
 
 def failed_record(

@@ -1,16 +1,40 @@
-"""A results folder: the files `predict`, `empirical` and `compare` write into one --out."""
+"""A results folder: the files `predict`, `empirical` and `compare` write into one --out.
+
+A sweep's trials go to disk one file each, as they finish (`write_trial_file`,
+with bytes a worker encoded by `encode_trial`): that folder is the crash-safe
+record and the resume index. `consolidate` makes trials.parquet and
+curves.parquet from it once, reading the trials' files in order and writing
+curves batch by batch, so neither its time per trial nor its memory grows with
+the sweep.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gns_sweep.storage.schemas import CURVES_SCHEMA, TRIAL_FILE_SCHEMA, TRIALS_SCHEMA
-from gns_sweep.storage.tables import read_rows, write_table
+from gns_sweep.storage.tables import (
+    encode_table,
+    is_temporary,
+    parquet_stream,
+    read_rows,
+    settings_metadata,
+    write_arrow,
+    write_bytes,
+)
+
+CURVE_COLUMNS = ("curve_steps", "curve_losses")  # a trial file's columns beyond trials.parquet's
+_CURVE_TYPES = pa.schema([("curve_steps", pa.list_(pa.int64())), ("curve_losses", pa.list_(pa.float64()))])
+CONSOLIDATE_TRIALS = 256  # trial files read per step of `consolidate`
+CURVE_ROW_GROUP = 1 << 17  # curves.parquet rows per row group (at most; the last one less)
 
 
 @dataclass(frozen=True)
@@ -35,7 +59,7 @@ class SweepDir:
         return self.path / "trials"
 
     @property
-    def trials(self) -> Path:  # all finished trials, rewritten from trials/
+    def trials(self) -> Path:  # all finished trials, made from trials/ when a sweep ends
         return self.path / "trials.parquet"
 
     @property
@@ -65,34 +89,83 @@ class SweepDir:
         return self.plan.exists() or self.trials_dir.is_dir()
 
     def write_trial(self, row: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:
-        """One finished trial, atomically: a killed run never leaves half a trial."""
-        path = self.trial(row["trial_id"])
-        write_table(path, [row], TRIAL_FILE_SCHEMA, settings)
+        """One finished trial (its row with its curve), atomically: a killed run never leaves half a trial."""
+        return self.write_trial_file(row["trial_id"], encode_trial(row, trial_metadata(settings)))
+
+    def write_trial_file(self, trial_id: str, data: bytes) -> Path:
+        """One finished trial's file as `encode_trial` made it (on a worker), atomically."""
+        path = self.trial(trial_id)
+        write_bytes(path, data)
         return path
 
     def finished_trial_ids(self) -> set[str]:
         """The resume index: trials whose file is on disk (temporary files are skipped)."""
-        if not self.trials_dir.is_dir():
+        try:
+            entries = os.scandir(self.trials_dir)
+        except (FileNotFoundError, NotADirectoryError):
             return set()
-        return {p.stem for p in self.trials_dir.glob("*.parquet") if not p.name.startswith(".")}
+        with entries:
+            return {e.name[: -len(".parquet")] for e in entries if e.name.endswith(".parquet") and e.name[0] != "."}
 
     def trial_statuses(self, trial_ids: set[str] | None = None) -> dict[str, str]:
         """{trial id: status} of the trials on disk (optionally only these ids), reading one column each."""
         ids = self.finished_trial_ids() if trial_ids is None else trial_ids
-        return {tid: pq.read_table(self.trial(tid), columns=["status"])["status"][0].as_py() for tid in sorted(ids)}
+        return {tid: _status(self.trial(tid)) for tid in sorted(ids)}
 
     def read_trials(self, trial_ids: set[str] | None = None) -> list[dict[str, Any]]:
         """Rows (with curves) of the finished trials, optionally only these ids."""
         ids = self.finished_trial_ids() if trial_ids is None else trial_ids
         return [row for tid in sorted(ids) for row in read_rows(self.trial(tid))]
 
-    def write_sweep_tables(self, rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> None:
-        """Rewrite trials.parquet and curves.parquet from trial rows that carry their curves."""
-        rows = sorted(rows, key=lambda r: (r["batch_size"], r["lr"], r["seed"]))
-        cols = TRIALS_SCHEMA.names
-        # r.get: a trial file from before a column was added has none (null)
-        write_table(self.trials, [{k: r.get(k) for k in cols} for r in rows], TRIALS_SCHEMA, settings)
-        write_table(self.curves, [point for r in rows for point in curve_rows(r)], CURVES_SCHEMA, settings)
+    def remove_temporaries(self) -> None:
+        """Delete what a killed run left half-written: temporary files of trials/, trials.parquet and
+        curves.parquet (never a finished file)."""
+        names = (self.trials.name, self.curves.name)
+        leftovers = [p for p in self.path.glob(".*.tmp") if p.name[1:].startswith(names)]
+        if self.trials_dir.is_dir():
+            leftovers += [p for p in self.trials_dir.iterdir() if is_temporary(p.name)]
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+
+    def consolidate(
+        self, trial_ids: Sequence[str], settings: Mapping[str, Any], known: pa.Table | None = None
+    ) -> pa.Table:
+        """Write trials.parquet and curves.parquet for these trials, in this order, from their files; return
+        the trials table (trials.parquet's columns).
+
+        `known` holds trials.parquet rows already at hand (e.g. sent by the workers): of those trials
+        only the curve is read from the file. Files are read CONSOLIDATE_TRIALS at a time and curves
+        written a row group at a time, so memory holds one such step plus the trial rows (no curves).
+        """
+        index = {} if known is None else {tid: i for i, tid in enumerate(known.column("trial_id").to_pylist())}
+        parts: list[pa.Table] = []
+        held: list[pa.Table] = []  # curve rows not yet written
+        with parquet_stream(self.curves, CURVES_SCHEMA, settings) as writer:
+            for start in range(0, len(trial_ids), CONSOLIDATE_TRIALS):
+                ids = trial_ids[start : start + CONSOLIDATE_TRIALS]
+                # one thread per small file: a thread pool per read costs more than the read
+                files = [_read(self.trial(tid), None if tid not in index else CURVE_COLUMNS) for tid in ids]
+                if not files:
+                    continue
+                curves = pa.concat_tables([f.select(list(CURVE_COLUMNS)).cast(_CURVE_TYPES) for f in files])
+                if all(tid in index for tid in ids):
+                    step = known.take(pa.array([index[tid] for tid in ids], pa.int64()))
+                else:  # trials of an earlier run: their rows from their files too
+                    earlier = [f for tid, f in zip(ids, files, strict=True) if tid not in index]
+                    read = _conform(pa.concat_tables(earlier, promote_options="default"), TRIALS_SCHEMA)
+                    at = iter(range(read.num_rows))
+                    pieces = [known.slice(index[tid], 1) if tid in index else read.slice(next(at), 1) for tid in ids]
+                    step = pa.concat_tables(pieces).combine_chunks()
+                parts.append(step)
+                held.append(_curve_table(step, curves))
+                if sum(t.num_rows for t in held) >= CURVE_ROW_GROUP:
+                    writer.write_table(pa.concat_tables(held), row_group_size=CURVE_ROW_GROUP)
+                    held = []
+            if held:
+                writer.write_table(pa.concat_tables(held), row_group_size=CURVE_ROW_GROUP)
+        trials = pa.concat_tables(parts) if parts else TRIALS_SCHEMA.empty_table()
+        write_arrow(self.trials, trials, settings)
+        return trials
 
     def remove_sweep(self) -> None:
         """Delete a previous sweep's files (for --overwrite); predict.parquet stays."""
@@ -102,6 +175,60 @@ class SweepDir:
             self.trials_dir.rmdir()
         for path in (self.plan, self.trials, self.curves, self.comparison, self.frontier, self.plot, self.ladder_plot):
             path.unlink(missing_ok=True)
+
+
+def encode_trial(row: Mapping[str, Any], metadata: Mapping[bytes, bytes]) -> bytes:
+    """A trial's file (its row with its curve; metadata from `trial_metadata`) as bytes, for
+    SweepDir.write_trial_file: made where the trial ran, so the driver only copies bytes to disk."""
+    return encode_table([row], TRIAL_FILE_SCHEMA, metadata, compact=True)  # read back by the thousand
+
+
+def trial_metadata(settings: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """What every trial file of a run records (its settings); computed once per run."""
+    return settings_metadata(settings)
+
+
+def light_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's row as trials.parquet holds it: without its curve (a trial file from before a column
+    was added has none there: null)."""
+    return {k: row.get(k) for k in TRIALS_SCHEMA.names}
+
+
+def _read(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """A small Parquet file (or some of its columns), read in this thread."""
+    return pq.ParquetFile(path).read(columns=None if columns is None else list(columns), use_threads=False)
+
+
+def _status(path: Path) -> str:
+    return _read(path, ["status"]).column("status")[0].as_py()
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """table's columns in schema's order and types; a later column it lacks reads as nulls."""
+    for name in schema.names:
+        if name not in table.column_names:
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(schema.names).cast(schema)
+
+
+def _curve_table(trials: pa.Table, curves: pa.Table) -> pa.Table:
+    """curves.parquet rows of these trials (one row each in both tables, in the same order)."""
+    steps, losses = curves.column("curve_steps").combine_chunks(), curves.column("curve_losses").combine_chunks()
+    owner = pc.list_parent_indices(steps)
+    batch_size = trials.column("batch_size").take(owner)
+    step = pc.list_flatten(steps)
+    return pa.table(
+        {
+            "trial_id": trials.column("trial_id").take(owner),
+            "batch_size": batch_size,
+            "lr": trials.column("lr").take(owner),
+            "seed": trials.column("seed").take(owner),
+            "step": step,
+            "examples": pc.multiply(step, batch_size),
+            "eval_loss": pc.list_flatten(losses),
+        },
+        schema=CURVES_SCHEMA,
+    )
 
 
 def curve_rows(trial: Mapping[str, Any]) -> list[dict[str, Any]]:
