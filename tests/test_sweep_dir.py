@@ -103,13 +103,15 @@ def test_streamed_tables_equal_the_whole_rewrite_of_before(tmp_path, small_steps
 
 
 def test_a_trial_file_from_before_the_error_column_reads_as_null(tmp_path):
+    """A resumed sweep whose older trial files (full Arrow schema, no `error` column) sit beside new ones."""
     out = SweepDir(tmp_path)
-    old = trial(4, 0.1, 0)
+    old, new = trial(4, 0.1, 0), trial(4, 0.1, 1, "failed", ())
     schema = sd.TRIAL_FILE_SCHEMA.remove(sd.TRIAL_FILE_SCHEMA.get_field_index("error"))
     out.trials_dir.mkdir()
     pq.write_table(pa.Table.from_pylist([old], schema=schema), out.trial(old["trial_id"]))
-    table = out.consolidate([old["trial_id"]], SETTINGS)
-    assert table.column("error").to_pylist() == [None] and table.schema.equals(TRIALS_SCHEMA)
+    out.write_trial(new, SETTINGS)
+    table = out.consolidate([old["trial_id"], new["trial_id"]], SETTINGS)
+    assert table.column("error").to_pylist() == [None, "ValueError: broken"] and table.schema.equals(TRIALS_SCHEMA)
     assert len(pd.read_parquet(out.curves)) == 2
 
 

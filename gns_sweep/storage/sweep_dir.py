@@ -151,7 +151,7 @@ class SweepDir:
                 if all(tid in index for tid in ids):
                     step = known.take(pa.array([index[tid] for tid in ids], pa.int64()))
                 else:  # trials of an earlier run: their rows from their files too
-                    earlier = [f for tid, f in zip(ids, files, strict=True) if tid not in index]
+                    earlier = [_light(f) for tid, f in zip(ids, files, strict=True) if tid not in index]
                     read = _conform(pa.concat_tables(earlier, promote_options="default"), TRIALS_SCHEMA)
                     at = iter(range(read.num_rows))
                     pieces = [known.slice(index[tid], 1) if tid in index else read.slice(next(at), 1) for tid in ids]
@@ -201,6 +201,11 @@ def _read(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
 
 def _status(path: Path) -> str:
     return _read(path, ["status"]).column("status")[0].as_py()
+
+
+def _light(table: pa.Table) -> pa.Table:
+    """A trial file's trials.parquet columns (files of older versions may lack later ones)."""
+    return table.select([name for name in table.column_names if name in TRIALS_SCHEMA.names])
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
