@@ -2,6 +2,7 @@
 
     python benchmarks/per_example.py          # a table
     python benchmarks/per_example.py --json   # {workload: {method: {"ms", "ratio", "peak_mb", "batch"}}}
+    python benchmarks/per_example.py --workloads tinygpt --runs 3 --no-memory   # one workload, timed 3 times
 
 norms and moments time the fast engine's call, which ends at BatchSums: the
 sum of the per-example gradients (what .grad holds after a plain step), the
@@ -18,7 +19,14 @@ about the same as one batch, as peak memory is bounded by --max-batch.
 Workloads: `mlp` (784-512-512-10, ReLU, batch 256, cross-entropy) and
 `transformer` (char model: vocab 96, width 128, 2 blocks of LayerNorm + MLP
 128-512-128 with residual, final LayerNorm, Linear to vocab; batch 32 x 64
-tokens; per-example loss = mean token cross-entropy). Random data, float32.
+tokens; per-example loss = mean token cross-entropy), on random data; and
+`tinygpt`, the built-in task's model (gns_sweep.tasks.tinygpt: 4 pre-norm
+blocks with causal self-attention, 214k parameters) at its initial weights of
+seed 0, on 32 real windows of its training text (64 characters each, evenly
+spread over the training set), with the task's loss. float32 throughout.
+Before timing, each workload prints how the fast engine routes its parameters
+(by one layer's rule, summed over several calls, or to the torch.func
+fallback), read off the engine's plan in one call.
 
 Methods: `plain` (forward + loss.mean().backward()), `norms` / `moments` (the
 fast engine with param_moments False / True), `torch_func` (the general engine),
@@ -42,7 +50,9 @@ rounds (one call of each per round), so drift in machine load hits all three
 alike; the slow torch_func and loop get fewer repeats afterwards (see REPEATS).
 On `mlp` these two materialise (B, 670k) gradients and are measured at batch 64
 (SLOW_BATCH); their ms and peak_mb are scaled by 256/64 -- both grow linearly in
-the batch -- and the entry's "batch" says what was run.
+the batch -- and the entry's "batch" says what was run. `--runs N` times the
+fast methods N times over and reports the median of the runs' medians and the
+range of their ratios to plain ("ratio_range").
 
 Peak memory: each (workload, method) runs in its own subprocess with
 MALLOC_MMAP_THRESHOLD_=65536, so large buffers are mmapped and returned to the
@@ -72,14 +82,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gns_sweep.per_example.fast as fast_engine
 from gns_sweep.allocator import keep_freed_memory
 from gns_sweep.per_example import SumAccumulator, param_layout, shard_moments
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.general import GeneralEngine
 from gns_sweep.per_example.loop import LoopEngine
+from gns_sweep.tasks import tinygpt
 
 METHODS = ("plain", "norms", "moments", "torch_func", "loop")
-WORKLOADS = ("mlp", "transformer")
+WORKLOADS = ("mlp", "transformer", "tinygpt")
 FAST, SLOW = ("plain", "norms", "moments"), ("torch_func", "loop")
 FOLDS = {"norms": "fold_norms", "moments": "fold_moments"}  # the float64 step after each engine method
 FLOOR = "moments_matmuls"  # the extra matmuls of second moments alone (see the module docstring)
@@ -88,8 +100,8 @@ REPEATS = {"plain": 60, "norms": 60, "moments": 60, "torch_func": 3, "loop": 3, 
 WARMUP = {"plain": 3, "norms": 3, "moments": 3, "torch_func": 1, "loop": 1, "fold_norms": 3, "fold_moments": 3}
 for _name in (FLOOR, *HOOKS.values()):
     REPEATS[_name], WARMUP[_name] = 60, 3
-BATCH = {"mlp": 256, "transformer": 32}
-SLOW_BATCH = {"mlp": 64, "transformer": 32}  # batch at which torch_func and loop run
+BATCH = {"mlp": 256, "transformer": 32, "tinygpt": 32}
+SLOW_BATCH = {"mlp": 64, "transformer": 32, "tinygpt": 32}  # batch at which torch_func and loop run
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,11 @@ def workload(name: str, batch: int | None = None) -> Workload:
         return Workload(model, torch.randn(b, 784), torch.randint(0, 10, (b,)), example_ce)
     if name == "transformer":
         return Workload(CharModel(), torch.randint(0, 96, (b, 64)), torch.randint(0, 96, (b, 64)), token_mean_ce)
+    if name == "tinygpt":
+        model = tinygpt.TinyGPT()
+        (x, y), _ = tinygpt.split()
+        pick = torch.linspace(0, x.shape[0] - 1, b).round().long()  # (b,) evenly spread windows
+        return Workload(model, x[pick], y[pick], tinygpt.sequence_cross_entropy)
     raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
 
 
@@ -256,6 +273,27 @@ def rule_hooks(w: Workload, *, param_moments: bool) -> Callable[[], object] | No
     return run
 
 
+def routes(w: Workload) -> dict[str, list[str]]:
+    """The fast engine's plan for this workload: which parameters take one layer's rule, the sum over several
+    calls, or the torch.func fallback (read off fast._route in one call)."""
+    seen: dict[str, list[str]] = {}
+    real = fast_engine._route
+
+    def spy(static, *args, **kwargs):
+        single, multi, fallback, planned = real(static, *args, **kwargs)
+        names = static.layout.names
+        seen.update(rule=[names[g] for g in single], summed=[names[g] for g in multi])
+        seen["fallback"] = [names[g] for g in fallback]
+        return single, multi, fallback, planned
+
+    fast_engine._route = spy
+    try:
+        FastEngine().batch_sums(w.model, w.inputs, w.targets, w.loss, param_layout(w.model), param_moments=False)
+    finally:
+        fast_engine._route = real
+    return seen
+
+
 def time_ms(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Median ms per method, the methods interleaved round by round after warm-up."""
     for name, fn in fns.items():
@@ -300,10 +338,11 @@ def peak_mb(workload_name: str, method_name: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
+def run(memory: bool, workloads: tuple[str, ...] = WORKLOADS, runs: int = 1) -> dict[str, dict[str, dict]]:
     results = {}
-    for wname in WORKLOADS:
+    for wname in workloads:
         w = workload(wname)
+        plan = routes(w)
         fast = {m: method(m, w) for m in FAST}
         floor = moments_matmuls(w)
         if floor is not None:
@@ -312,7 +351,11 @@ def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
             hooks = rule_hooks(w, param_moments=m == "moments")
             if hooks is not None:
                 fast[name] = hooks
-        ms = time_ms(fast)
+        per_run = [time_ms(fast) for _ in range(runs)]  # each run: interleaved rounds of every fast method
+        ms = {m: statistics.median(r[m] for r in per_run) for m in fast}
+        ratio_range = {
+            m: [min(r[m] / r["plain"] for r in per_run), max(r[m] / r["plain"] for r in per_run)] for m in fast
+        }
         ms.update(time_ms({m: method(m, w) for m in FOLDS.values()}))
         slow = workload(wname, SLOW_BATCH[wname])
         for m in SLOW:
@@ -336,11 +379,14 @@ def run(memory: bool) -> dict[str, dict[str, dict[str, float]]]:
         if FLOOR in ms:
             row["moments"]["matmul_ms"] = round(ms[FLOOR], 2)
             row["moments"]["matmul_floor_ratio"] = round((plain_ms + ms[FLOOR]) / plain_ms, 3)
-        for r in row.values():
+        for m, r in row.items():
             r["ratio"] = round(r["ms"] / plain_ms, 3)
+            if m in ratio_range:
+                r["ratio_range"] = [round(x, 3) for x in ratio_range[m]]
             if "fold_ms" in r:
                 r["ratio_with_fold"] = round((r["ms"] + r["fold_ms"]) / plain_ms, 3)
         results[wname] = row
+        results[f"{wname}_routes"] = plan
     return results
 
 
@@ -351,25 +397,35 @@ def main() -> None:
     parser.add_argument(
         "--default-malloc", action="store_true", help="time under glibc's default trimming (see gns_sweep.allocator)"
     )
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    parser.add_argument("--runs", type=int, default=1, help="time the fast methods this many times over")
     parser.add_argument("--peak-child", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_child:
         print(peak_mb_child(*args.peak_child))
         return
     kept = False if args.default_malloc else keep_freed_memory()
-    results = run(memory=not args.no_memory)
+    workloads = tuple(args.workloads.split(","))
+    if unknown := set(workloads) - set(WORKLOADS):
+        parser.error(f"--workloads: unknown {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    results = run(memory=not args.no_memory, workloads=workloads, runs=args.runs)
     results["settings"] = {"freed_memory_kept": kept, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(results, indent=2))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms and MB scaled to the full batch")
     print("freed memory kept (gns_sweep.allocator)" if kept else "glibc's default malloc trimming")
-    for wname in WORKLOADS:
-        row = results[wname]
-        print(f"\n{wname} (batch {BATCH[wname]})       ms  x plain  peak MB  batch | fold ms  x plain  fold MB")
+    for wname in workloads:
+        row, plan = results[wname], results[f"{wname}_routes"]
+        print(f"\n{wname} (batch {BATCH[wname]}): the fast engine takes {len(plan['rule'])} parameters by a rule, "
+              f"{len(plan['summed'])} summed over calls, {len(plan['fallback'])} by torch.func "
+              f"{plan['fallback'] or ''}")  # fmt: skip
+        print(f"  {'':12s}       ms  x plain  peak MB  batch | fold ms  x plain  fold MB")
         for mname, r in row.items():
             mem = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
             line = f"  {mname:12s} {r['ms']:8.2f} {r['ratio']:8.2f} {mem:>8s}  {r['batch']:5d}"
+            if "ratio_range" in r and args.runs > 1:
+                line += f"  [{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f} over {args.runs} runs]"
             if "fold_ms" in r:
                 fmem = "-" if r["fold_peak_mb"] is None else f"{r['fold_peak_mb']:.1f}"
                 line += f" | {r['fold_ms']:7.2f} {r['ratio_with_fold']:8.2f} {fmem:>8s}"
