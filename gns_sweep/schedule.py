@@ -1,0 +1,259 @@
+"""A training run whose batch size follows the monitored noise scale.
+
+Plain SGD, as train.py's runs, from the seed's initial weights and in the
+seed's data order (train.batches' permutations, taken however many examples a
+step needs), with a GnsMonitor doing every step's backward. Every `every`
+steps the batch size becomes the power of two nearest k * B_noise, B_noise
+being the monitor's smoothed B_simple of the whole model, clamped to
+[floor, ceiling]; the lr follows the batch by the optimizer's rule (linear
+for SGD: lr * B / base_batch, up to lr_max). An unresolved estimate (smoothed
+|G|^2 <= 0: the gradient is lost in the noise at the batch sizes measured)
+says only that B_noise is at least about the current batch B, so it is taken
+as 2B, one power of two up: with k = 1 the batch doubles. The run stops at
+the eval-loss target, at divergence, or before a step that would pass the
+budget of examples. It is evaluated on train.eval_due's schedule, and the
+result keeps, per evaluated step, the batch size, the examples so far, the lr
+and B_noise beside the eval loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from gns_sweep.errors import UsageError
+from gns_sweep.monitor import DEFAULT_BETA, MICRO_BATCH, PER_EXAMPLE, GnsMonitor
+from gns_sweep.tasks import Task
+from gns_sweep.train import _Curve, _sgd_step, batches, eval_due, eval_loss, init_model
+
+LINEAR = "linear"  # lr proportional to the batch size (SGD below its largest stable lr)
+CONSTANT = "constant"  # the same lr at every batch size
+LR_RULES = (LINEAR, CONSTANT)
+ESTIMATORS = (PER_EXAMPLE, MICRO_BATCH)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Settings of one adaptive-batch run (`from_task` fills them from a task's defaults)."""
+
+    lr: float  # SGD lr at batch size base_batch
+    base_batch: int  # the batch size `lr` is given for (B0 of the lr rule)
+    floor: int  # smallest batch size, and the first one
+    ceiling: int  # largest batch size
+    budget_examples: int  # no step starts that would pass this many training examples
+    target_loss: float | None  # stop when the eval loss first reaches this (None: run the budget)
+    seed: int = 0  # seeds the initial weights and the data order, as train.py's runs
+    k: float = 1.0  # the batch is the power of two nearest k * B_noise
+    every: int = 10  # steps between batch-size decisions
+    lr_rule: str = LINEAR  # one of LR_RULES
+    lr_max: float | None = None  # cap on the scaled lr (None: no cap)
+    beta: float = DEFAULT_BETA  # the monitor's EMA decay per step
+    estimator: str = PER_EXAMPLE  # one of ESTIMATORS: the fast engine's per-example norms, or micro-batches
+    micro_batches: int = 4  # micro-batches per step of the micro-batch estimator
+
+    @classmethod
+    def from_task(cls, task: Task, **changes) -> ScheduleConfig:
+        """The task's lr, small batch, budget and target, between the ends of its sweep grid (the floor raised
+        to the fewest examples the estimator can measure)."""
+        micro = changes.get("micro_batches", cls.micro_batches)
+        least = 2 if changes.get("estimator", cls.estimator) == PER_EXAMPLE else max(2, micro)
+        base = cls(
+            lr=task.lr,
+            base_batch=task.batch_size,
+            floor=max(least, min(task.batch_sizes)),
+            ceiling=max(task.batch_sizes),
+            budget_examples=task.budget_examples,
+            target_loss=task.target_loss,
+        )
+        return replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One batch-size decision, taken after `step`."""
+
+    step: int  # steps taken when it was made
+    b_noise: float  # the monitor's smoothed B_simple then (NaN: unresolved)
+    batch_size: int  # the batch size of the steps that follow
+    lr: float  # their lr
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    """What one adaptive run did. The curve_* tuples have one entry per evaluated step."""
+
+    status: str  # train.REACHED, BUDGET or DIVERGED
+    steps: int  # SGD steps taken
+    steps_to_target: int | None  # first evaluated step with eval loss <= target
+    examples: int  # training examples used
+    examples_to_target: int | None  # examples used up to steps_to_target
+    wall_seconds: float  # the whole run, evaluations included
+    initial_eval_loss: float  # eval loss of the initial weights
+    final_eval_loss: float  # eval loss at the last evaluated step
+    curve_steps: tuple[int, ...]  # evaluated steps (0: the initial weights)
+    curve_losses: tuple[float, ...]  # their eval losses
+    curve_batch_sizes: tuple[int, ...]  # the batch size of each evaluated step (step 0: the first batch's)
+    curve_examples: tuple[int, ...]  # examples used up to each evaluated step
+    curve_lrs: tuple[float, ...]  # the lr of each evaluated step (step 0: the first batch's)
+    curve_b_noise: tuple[float, ...]  # the monitor's smoothed B_simple after each evaluated step (NaN at step 0)
+    decisions: tuple[Decision, ...]  # every batch-size decision, in order
+
+
+def nearest_power_of_two(x: float) -> int:
+    """2^round(log2 x): the nearest power of two on a log scale (1 for x <= 1)."""
+    return 1 if x <= 1 else 2 ** round(math.log2(x))
+
+
+def choose_batch(b_noise: float, current: int, config: ScheduleConfig) -> int:
+    """The batch size after a decision: nearest power of two to k * B_noise, clamped to [floor, ceiling];
+    unresolved (NaN) B_noise counts as twice the current batch (module docstring)."""
+    want = nearest_power_of_two(config.k * (2 * current if math.isnan(b_noise) else b_noise))
+    return max(config.floor, min(config.ceiling, want))
+
+
+def lr_for(batch_size: int, config: ScheduleConfig) -> float:
+    lr = config.lr * batch_size / config.base_batch if config.lr_rule == LINEAR else config.lr
+    return lr if config.lr_max is None else min(lr, config.lr_max)
+
+
+def check_config(config: ScheduleConfig) -> None:
+    """One-line UsageErrors for settings no run can use."""
+
+    def positive_int(name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+
+    for name in ("base_batch", "floor", "ceiling", "budget_examples", "every", "micro_batches"):
+        positive_int(name, getattr(config, name))
+    least = 2 if config.estimator == PER_EXAMPLE else max(2, config.micro_batches)
+    if config.estimator not in ESTIMATORS:
+        raise UsageError(f"unknown estimator {config.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+    if config.estimator == MICRO_BATCH and config.micro_batches < 2:
+        raise UsageError(f"micro_batches must be >= 2 for the micro-batch estimator, got {config.micro_batches}")
+    if config.floor < least:
+        raise UsageError(
+            f"floor {config.floor} is too small for the {config.estimator} estimator; give floor >= {least} "
+            "(a variance needs two samples per step)"
+        )
+    if config.ceiling < config.floor:
+        raise UsageError(f"ceiling {config.ceiling} is below floor {config.floor}; give ceiling >= floor")
+    if config.budget_examples < config.floor:
+        raise UsageError(f"budget_examples {config.budget_examples} is less than one step at the floor {config.floor}")
+    for name in ("lr", "k"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{name} must be a finite number > 0, got {value!r}")
+    if config.lr_max is not None and not (math.isfinite(config.lr_max) and config.lr_max > 0):
+        raise UsageError(f"lr_max must be a finite number > 0 or None (no cap), got {config.lr_max!r}")
+    if config.lr_rule not in LR_RULES:
+        raise UsageError(f"unknown lr_rule {config.lr_rule!r}; choose one of: {', '.join(LR_RULES)}")
+    if not 0 <= config.beta < 1:
+        raise UsageError(f"beta must be in [0, 1), got {config.beta!r}")
+    if config.target_loss is not None and not math.isfinite(config.target_loss):
+        raise UsageError(f"target_loss must be a finite number or None, got {config.target_loss!r}")
+
+
+def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> ScheduleResult:
+    """Train from `init_model(task, seed)` with the batch size following the monitored noise scale."""
+    check_config(config)
+    start = time.perf_counter()
+    model = init_model(task, config.seed, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_example = config.estimator == PER_EXAMPLE
+    monitor = GnsMonitor(model, loss=task.loss if per_example else None, beta=config.beta)
+    x_all, y_all = task.train_inputs.to(device), task.train_targets.to(device)
+    order = _Order(x_all.shape[0], config.seed)
+    batch, lr = config.floor, lr_for(config.floor, config)
+    curve = _Curve(eval_loss(model, task, device=device), config.target_loss)
+    trajectory = _Trajectory(batch, lr)
+    decisions: list[Decision] = []
+    step = examples = 0
+    stop = curve.steps_to_target is not None  # the initial weights already reach the target
+    while not stop and examples + batch <= config.budget_examples:
+        idx = order.take(batch)
+        step += 1
+        examples += batch
+        for p in params:
+            p.grad = None
+        if per_example:
+            loss = monitor.forward_backward(x_all[idx], y_all[idx])
+        else:
+            loss = _accumulate(monitor, task, model, x_all[idx], y_all[idx], config.micro_batches)
+        if not torch.isfinite(loss):
+            curve.add(step, math.inf)
+            trajectory.add(batch, examples, lr, monitor.b_simple())
+            break
+        _sgd_step(params, lr)
+        stepped_batch, stepped_lr = batch, lr
+        if step % config.every == 0:
+            b_noise = monitor.b_simple()
+            batch = choose_batch(b_noise, batch, config)
+            lr = lr_for(batch, config)
+            decisions.append(Decision(step, b_noise, batch, lr))
+        last = examples + batch > config.budget_examples  # the next step would pass the budget
+        if eval_due(step) or last:
+            stop = curve.add(step, eval_loss(model, task, device=device))
+            trajectory.add(stepped_batch, examples, stepped_lr, monitor.b_simple())
+    r = curve.result(step, {})
+    to_target = r.steps_to_target
+    return ScheduleResult(
+        status=r.status,
+        steps=step,
+        steps_to_target=to_target,
+        examples=examples,
+        examples_to_target=None if to_target is None else trajectory.examples[r.curve_steps.index(to_target)],
+        wall_seconds=time.perf_counter() - start,
+        initial_eval_loss=r.initial_eval_loss,
+        final_eval_loss=r.final_eval_loss,
+        curve_steps=r.curve_steps,
+        curve_losses=r.curve_losses,
+        curve_batch_sizes=tuple(trajectory.sizes),
+        curve_examples=tuple(trajectory.examples),
+        curve_lrs=tuple(trajectory.lrs),
+        curve_b_noise=tuple(trajectory.b_noise),
+        decisions=tuple(decisions),
+    )
+
+
+def _accumulate(monitor: GnsMonitor, task: Task, model, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """One step's backward as k micro-batches of gradient accumulation: .grad ends as the batch's mean
+    gradient. Returns the batch's mean loss."""
+    n, total = x.shape[0], torch.zeros(())
+    for xb, yb in zip(x.tensor_split(k), y.tensor_split(k), strict=True):
+        loss = task.loss(model(xb), yb).mean()
+        (loss * (xb.shape[0] / n)).backward()
+        monitor.micro_batch(xb.shape[0])
+        total = total + loss.detach() * (xb.shape[0] / n)
+    monitor.update()
+    return total
+
+
+class _Trajectory:
+    """Per evaluated step, beside train._Curve's losses: batch size, examples so far, lr, B_noise."""
+
+    def __init__(self, batch: int, lr: float) -> None:
+        self.sizes, self.examples, self.lrs, self.b_noise = [batch], [0], [lr], [math.nan]  # step 0
+
+    def add(self, batch: int, examples: int, lr: float, b_noise: float) -> None:
+        self.sizes.append(batch)
+        self.examples.append(examples)
+        self.lrs.append(lr)
+        self.b_noise.append(b_noise)
+
+
+class _Order:
+    """The training examples in train.batches' order -- its permutations, one per epoch, back to back --
+    taken any number at a time, so a run sees the same examples as the seed's fixed-batch runs."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self._epochs = batches(n, n, seed)  # batches of a whole epoch: each one permutation
+        self._pool = torch.empty(0, dtype=torch.long)
+
+    def take(self, b: int) -> torch.Tensor:
+        while self._pool.shape[0] < b:
+            self._pool = torch.cat([self._pool, next(self._epochs)])
+        idx, self._pool = self._pool[:b], self._pool[b:]
+        return idx

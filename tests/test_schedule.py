@@ -1,0 +1,129 @@
+"""The adaptive batch-size schedule: its batch follows the monitored noise scale, within its floor and
+ceiling, with the lr scaled by its rule, inside its budget, in the seed's data order."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gns_sweep.errors import UsageError
+from gns_sweep.monitor import MICRO_BATCH
+from gns_sweep.schedule import ScheduleConfig, choose_batch, lr_for, nearest_power_of_two, run_schedule
+from gns_sweep.tasks import load_task
+from gns_sweep.train import REACHED, TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def linreg():
+    return load_task("linreg")
+
+
+def growing(task, **changes) -> ScheduleConfig:
+    """Linear regression run past its target towards the noise floor, where B_noise grows as the loss falls."""
+    base = dict(floor=4, ceiling=1024, every=5, target_loss=None, budget_examples=12000, lr_max=0.5)
+    return ScheduleConfig.from_task(task, **{**base, **changes})
+
+
+def check_decisions(result, config):
+    """Every decision is the rule applied to the value the monitor read then, and every evaluated step ran at
+    the batch size (and its lr) of the decision before it."""
+    batch = config.floor
+    for d in result.decisions:
+        assert d.batch_size == choose_batch(d.b_noise, batch, config)
+        if not math.isnan(d.b_noise):
+            want = max(config.floor, min(config.ceiling, nearest_power_of_two(config.k * d.b_noise)))
+            assert d.batch_size == want
+        assert d.lr == lr_for(d.batch_size, config)
+        batch = d.batch_size
+    for step, b, lr in zip(result.curve_steps[1:], result.curve_batch_sizes[1:], result.curve_lrs[1:], strict=True):
+        before = [d for d in result.decisions if d.step < step]
+        assert b == (before[-1].batch_size if before else config.floor)
+        assert lr == lr_for(b, config)
+
+
+@pytest.mark.parametrize("estimator", ["per-example", MICRO_BATCH])
+def test_the_batch_follows_the_monitored_noise_scale_and_grows_towards_the_noise_floor(linreg, estimator):
+    config = growing(linreg, estimator=estimator)
+    result = run_schedule(linreg, config)
+    check_decisions(result, config)
+    resolved = [d for d in result.decisions if not math.isnan(d.b_noise)]
+    assert len(resolved) >= 0.9 * len(result.decisions) >= 10
+    quarter = len(resolved) // 4
+    first = sorted(d.b_noise for d in resolved[:quarter])[quarter // 2]
+    last = sorted(d.b_noise for d in resolved[-quarter:])[quarter // 2]
+    assert last > 4 * first  # B_noise grows as the loss nears the noise floor ...
+    assert result.decisions[-1].batch_size >= 8 * result.decisions[0].batch_size  # ... and the batch with it
+    assert len(result.curve_steps) == len(result.curve_batch_sizes) == len(result.curve_examples)
+    assert len(result.curve_lrs) == len(result.curve_b_noise) == len(result.curve_losses)
+    assert result.curve_examples[-1] == result.examples and result.curve_steps[-1] == result.steps
+
+
+def test_the_batch_is_clamped_to_floor_and_ceiling(linreg):
+    high = run_schedule(linreg, growing(linreg, k=1000.0, floor=4, ceiling=16, budget_examples=2000))
+    assert {d.batch_size for d in high.decisions} == {16}
+    low = run_schedule(linreg, growing(linreg, k=1e-3, floor=8, ceiling=1024, budget_examples=2000))
+    assert {d.batch_size for d in low.decisions} == {8} and set(low.curve_batch_sizes) == {8}
+    assert all(not math.isnan(d.b_noise) and d.b_noise > 100 for d in high.decisions[-3:])  # the rule wanted more
+
+
+def test_the_lr_follows_the_rule(linreg):
+    linear = run_schedule(linreg, growing(linreg, lr_max=None, budget_examples=6000))
+    ratios = [lr / b for lr, b in zip(linear.curve_lrs, linear.curve_batch_sizes, strict=True)]
+    assert ratios == pytest.approx([linreg.lr / linreg.batch_size] * len(ratios))
+    assert len(set(linear.curve_batch_sizes)) >= 3
+    capped = run_schedule(linreg, growing(linreg, lr_max=0.2, budget_examples=6000))
+    assert max(capped.curve_lrs) == 0.2
+    for lr, b in zip(capped.curve_lrs, capped.curve_batch_sizes, strict=True):
+        assert lr == min(0.2, linreg.lr * b / linreg.batch_size)
+    constant = run_schedule(linreg, growing(linreg, lr_rule="constant", budget_examples=3000))
+    assert set(constant.curve_lrs) == {linreg.lr} and len(set(constant.curve_batch_sizes)) >= 2
+
+
+def test_the_budget_is_never_passed(linreg):
+    for budget in (1000, 4321):
+        r = run_schedule(linreg, growing(linreg, budget_examples=budget))
+        assert r.status == "budget" and r.examples <= budget
+        last = r.decisions[-1].batch_size if r.decisions and r.decisions[-1].step == r.steps else None
+        assert r.examples + (last or r.curve_batch_sizes[-1]) > budget  # it stopped only when the next step would pass
+        assert r.curve_steps[-1] == r.steps  # the last step is evaluated
+
+
+def test_at_one_batch_size_it_is_the_fixed_batch_run(linreg):
+    """floor = ceiling: the same steps, data order and eval curve as train() at that batch size."""
+    config = ScheduleConfig.from_task(linreg, floor=16, ceiling=16, budget_examples=4000, seed=3)
+    adaptive = run_schedule(linreg, config)
+    fixed = train(linreg, TrainConfig(16, config.lr * 16 / config.base_batch, 4000, linreg.target_loss, seed=3))
+    assert adaptive.status == fixed.status == REACHED
+    assert adaptive.steps_to_target == fixed.steps_to_target and adaptive.curve_steps == fixed.curve_steps
+    assert adaptive.curve_losses == pytest.approx(fixed.curve_losses, rel=1e-5)
+    assert adaptive.examples_to_target == 16 * fixed.steps_to_target
+
+
+def test_it_stops_at_the_target(linreg):
+    r = run_schedule(linreg, ScheduleConfig.from_task(linreg, every=5))
+    assert r.status == REACHED and r.final_eval_loss <= linreg.target_loss
+    assert r.steps == r.steps_to_target == r.curve_steps[-1]
+    assert r.examples_to_target == r.examples == r.curve_examples[-1]
+    assert all(loss > linreg.target_loss for loss in r.curve_losses[:-1])
+    assert r.wall_seconds > 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(floor=1), "floor >= 2"),
+        (dict(estimator=MICRO_BATCH, micro_batches=4, floor=2), "floor >= 4"),
+        (dict(floor=64, ceiling=32), "ceiling >= floor"),
+        (dict(lr_rule="cubic"), "linear, constant"),
+        (dict(k=0.0), "k must be"),
+        (dict(every=0), "every must be a positive integer"),
+        (dict(budget_examples=1), "less than one step"),
+        (dict(estimator="both"), "per-example, micro-batch"),
+        (dict(lr_max=-1.0), "lr_max"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(linreg, changes, message):
+    with pytest.raises(UsageError, match=message) as e:
+        run_schedule(linreg, ScheduleConfig.from_task(linreg, **changes))
+    assert "\n" not in str(e.value)
