@@ -1,4 +1,5 @@
-"""`gns-sweep compare DIR`: the measured B_crit beside the predicted B_simple."""
+"""`gns-sweep compare DIR [DIR ...]`: the measured B_crit beside the prediction that matches the sweep's
+optimizer; several folders side by side with --out."""
 
 from __future__ import annotations
 
@@ -9,21 +10,96 @@ from typing import Annotated
 
 import typer
 from gns_sweep_cli import options as o
-from gns_sweep_cli.common import fmt, handle_errors, json_ready, out
+from gns_sweep_cli.common import check_out_dir, fmt, handle_errors, json_ready, out
 from rich.table import Table
 
-from gns_sweep.compare import Comparison, comparison_rows, run_compare, target_frontier_rows
-from gns_sweep.errors import RunError
+from gns_sweep.compare import (
+    Comparison,
+    check_folders_out,
+    comparison_rows,
+    run_compare,
+    run_compare_folders,
+    target_frontier_rows,
+)
+from gns_sweep.errors import RunError, UsageError
+from gns_sweep.storage import SweepDir
+
+FoldersOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Write the folders side by side here (comparison.parquet with a folder column, targets.png); "
+        "required with several folders. Without it, one folder's results are written into that folder.",
+    ),
+]
 
 
 @handle_errors
 def compare(
-    out_dir: Annotated[Path, typer.Argument(help="Folder holding predict.parquet and trials.parquet.")],
+    out_dirs: Annotated[
+        list[Path], typer.Argument(help="Folder(s) holding predict.parquet and trials.parquet, e.g. one per optimizer.")
+    ],
     targets: o.Targets = None,
+    side_by_side: FoldersOut = None,
     as_json: o.AsJson = False,
 ) -> None:
-    """Fit S = S_min + E_min/B at a ladder of targets, B_crit = E_min/S_min, and set each beside B_simple."""
-    show(run_compare(out_dir, targets=o.parse_targets(targets)), as_json)
+    """Fit S = S_min + E_min/B at a ladder of targets, B_crit = E_min/S_min, and set each beside the prediction
+    (B_simple, or the preconditioned noise scale for an Adam-family sweep)."""
+    parsed = o.parse_targets(targets)
+    if side_by_side is None:
+        if len(out_dirs) > 1:
+            raise UsageError(
+                f"{len(out_dirs)} folders need --out DIR for the side-by-side table; with one folder compare "
+                "writes into it"
+            )
+        show(run_compare(out_dirs[0], targets=parsed), as_json)
+        return
+    check_folders_out(out_dirs, side_by_side)  # before the folder is made
+    folder = SweepDir(check_out_dir(side_by_side))
+    show_folders(out_dirs, run_compare_folders(out_dirs, folder.path, targets=parsed), folder, as_json)
+
+
+def show_folders(dirs: list[Path], cs: tuple[Comparison, ...], folder: SweepDir, as_json: bool) -> None:
+    if as_json:
+        doc = {
+            "out": str(folder.path),
+            "folders": [{"folder": str(d), **summary(c)} for d, c in zip(dirs, cs, strict=True)],
+        }
+        out.print_json(json.dumps(doc))
+    else:
+        render_folders(dirs, cs)
+        out.print(f"wrote {folder.comparison} and {folder.ladder_plot}")
+    failed = [str(d) for d, c in zip(dirs, cs, strict=True) if c.main.frontier is None]
+    if failed:
+        raise RunError(f"no B_crit at the sweep's own target for {', '.join(failed)}: see the notes above")
+
+
+def render_folders(dirs: list[Path], cs: tuple[Comparison, ...]) -> None:
+    """One table of every (folder, target), then each folder's warnings, notes and verdict."""
+    t = Table(title="critical batch size by folder and target: measured B_crit vs the matching prediction (95%)")
+    for col in ("folder", "optimizer", "target loss", "B_crit", "prediction", "value", "ratio", "note"):
+        t.add_column(col, justify="left" if col in ("folder", "optimizer", "prediction", "note") else "right")
+    for d, c in zip(dirs, cs, strict=True):
+        for row, at in zip(comparison_rows(c), c.targets, strict=True):
+            h = at.prediction
+            t.add_row(
+                str(d),
+                c.optimizer,
+                fmt(row["target_loss"], 4),
+                f"{fmt(row['b_crit'])} [{fmt(row['b_crit_lo'])}, {fmt(row['b_crit_hi'])}]",
+                c.label,
+                f"{fmt(h.b_simple)} [{fmt(h.b_simple_lo)}, {fmt(h.b_simple_hi)}]",
+                fmt(row["ratio"], 2),
+                _target_note(at),
+            )
+    out.print(t)
+    for d, c in zip(dirs, cs, strict=True):
+        for w in c.warnings:
+            out.print(f"[bold yellow]warning[/] ({d}): {w}")
+        for note in c.main.notes:
+            out.print(f"note ({d}): {note}")
+        out.print(f"{d}: ", end="")
+        render_verdict(c)
 
 
 def show(c: Comparison, as_json: bool) -> None:
@@ -54,10 +130,16 @@ def summary(c: Comparison) -> dict:
             for row, t in zip(comparison_rows(c), c.targets, strict=True)
         ],
         "statuses": c.statuses,
+        "optimizer": c.optimizer,
+        "predict_optimizer": c.predict_optimizer,
+        "prediction": c.prediction,
+        "warnings": list(c.warnings),
     }
 
 
 def render(c: Comparison) -> None:
+    for w in c.warnings:
+        out.print(f"[bold yellow]warning:[/] {w}")
     render_frontier(c)
     render_ladder(c)
     render_verdict(c)
@@ -91,21 +173,26 @@ def render_frontier(c: Comparison) -> None:
     out.print(f"trials: {counts}")
 
 
+def _target_note(at) -> str:
+    if not at.measured:
+        return "not a measurement of B_crit (S_min < 5, or no bend)"
+    return "sweep's target" if at.own else ""
+
+
 def render_ladder(c: Comparison) -> None:
-    t = Table(title="critical batch size by target: measured B_crit vs predicted B_simple (95% intervals)")
-    for col in ("target loss", "B_crit", "S_min", "B_simple", "B_simple / B_crit", "note"):
+    name = c.label
+    t = Table(title=f"critical batch size by target: measured B_crit vs predicted {name} (95% intervals)")
+    for col in ("target loss", "B_crit", "S_min", name, f"{name} / B_crit", "note"):
         t.add_column(col, justify="right" if col != "note" else "left")
     for row, at in zip(comparison_rows(c), c.targets, strict=True):
-        note = "sweep's target" if at.own else ""
-        if not at.measured:
-            note = "not a measurement of B_crit (S_min < 5, or no bend)"
+        h = at.prediction
         t.add_row(
             fmt(row["target_loss"], 4),
             f"{fmt(row['b_crit'])} [{fmt(row['b_crit_lo'])}, {fmt(row['b_crit_hi'])}]",
             fmt(row["s_min"]),
-            f"{fmt(row['b_simple'])} [{fmt(row['b_simple_lo'])}, {fmt(row['b_simple_hi'])}]",
+            f"{fmt(h.b_simple)} [{fmt(h.b_simple_lo)}, {fmt(h.b_simple_hi)}]",
             fmt(row["ratio"], 2),
-            note,
+            _target_note(at),
         )
     out.print(t)
     out.print(f"targets: {c.ladder.reason}")
@@ -120,6 +207,6 @@ def render_verdict(c: Comparison) -> None:
         return
     within = sum(0.5 <= r <= 2 for r in ratios)
     out.print(
-        f"[bold]B_simple/B_crit = {min(ratios):.2g} ... {max(ratios):.2g}[/] over {len(ratios)} targets "
+        f"[bold]{c.label}/B_crit = {min(ratios):.2g} ... {max(ratios):.2g}[/] over {len(ratios)} targets "
         f"(within a factor 2 at {within} of {len(ratios)})"
     )

@@ -1,5 +1,10 @@
 """`compare`: fit the measured frontier to get B_crit at a ladder of targets, and set each beside
-predict's B_simple averaged over the reference run up to the same loss."""
+predict's B_simple averaged over the reference run up to the same loss.
+
+The prediction matches the sweep's optimizer: for an adaptive one (Adam, AdamW) it is the noise
+scale in the optimizer's preconditioned geometry, tr(P Sigma)/G'PG, else B_simple. Several
+results folders (one per optimizer, say) can be set side by side (`run_compare_folders`).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from gns_sweep import __version__
 from gns_sweep import frontier as fr
 from gns_sweep import ladder as ld
 from gns_sweep.errors import UsageError
-from gns_sweep.plot import FrontierPlot, LadderPlot, plot_frontier, plot_ladder
-from gns_sweep.results import Headline, ScopeRow, headline, total_rows
+from gns_sweep.plot import FolderSeries, FoldersPlot, FrontierPlot, LadderPlot, plot_folders, plot_frontier, plot_ladder
+from gns_sweep.results import SGD, Headline, headline, scope_row, total_rows
 from gns_sweep.storage import (
     COMPARISON_SCHEMA,
     CURVES_SCHEMA,
@@ -24,9 +29,14 @@ from gns_sweep.storage import (
     read_result,
     write_table,
 )
+from gns_sweep.storage.schemas import FOLDERS_COMPARISON_SCHEMA
 
 BOOTSTRAP_RESAMPLES = 500
 FAILED = "failed"  # status of a trial whose own code raised: recorded, never fitted
+PLAIN = "b_simple"  # the prediction for a sweep with a non-adaptive optimizer
+PRECOND = "b_simple_precond"  # the prediction for a sweep with an adaptive one: the preconditioned noise scale
+LABELS = {PLAIN: "B_simple", PRECOND: "B_simple^P"}  # how tables and plots name them
+ADAPTIVE = frozenset({"adam", "adamw"})  # optimizers with a per-parameter preconditioner (1/(sqrt(v_hat)+eps))
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,10 @@ class AtTarget:
     seed_points: tuple[tuple[int, float], ...]  # (batch size, steps) of each seed at the best lr
     frontier: fr.Frontier | None  # None when fewer than 2 batch sizes reached the target
     interval: fr.Interval  # bootstrap over seeds
-    prediction: Headline  # B_simple averaged from the start of the reference run to this loss
+    prediction: Headline  # the matching prediction averaged from the start of the reference run to this loss
     notes: tuple[str, ...]  # what a reader must know before trusting the numbers
+    plain: Headline | None = None  # B_simple up to this loss (None: the prediction is B_simple)
+    precond: Headline | None = None  # tr(P Sigma)/G'PG up to this loss (None: predict's optimizer is not adaptive)
 
     @property
     def b_crit(self) -> float:
@@ -73,6 +85,15 @@ class Comparison:
     reference_batch_size: int  # predict's reference run
     reference_eval_loss: float  # eval loss at predict's last checkpoint
     out: SweepDir | None = None  # where it was read and written
+    optimizer: str = SGD  # the sweep's
+    predict_optimizer: str = SGD  # predict's reference run's
+    prediction: str = PLAIN  # which noise scale the ratios use: PLAIN or PRECOND
+    warnings: tuple[str, ...] = ()  # the optimizers of the sweep and of predict differ
+
+    @property
+    def label(self) -> str:
+        """The prediction's name in tables and plots."""
+        return LABELS[self.prediction]
 
     @property
     def main(self) -> AtTarget:
@@ -118,8 +139,9 @@ def compare(
     targets: Sequence[float] | None = None,
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> Comparison:
-    """Pure part of compare: the ladder of targets, and at each the fit, its bootstrap and B_simple."""
-    rows = [ScopeRow(**r) for r in predict_rows]
+    """Pure part of compare: the ladder of targets, and at each the fit, its bootstrap and the prediction
+    that matches the sweep's optimizer."""
+    rows = [scope_row(r) for r in predict_rows]
     total = total_rows(rows)
     ran = [r for r in trial_rows if r["status"] != FAILED]  # a crashed trial measured nothing: not a censored one
     if not ran:
@@ -132,17 +154,64 @@ def compare(
     for r in trial_rows:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     last = total[-1]
+    swept, predicted = sweep_optimizer(trial_rows), last.optimizer
+    has_precond = any(math.isfinite(r.trace_sigma_precond) for r in total)
+    prediction, warnings = matching_prediction(swept, predicted, has_precond=has_precond)
+    at = []
+    for t in judged:
+        plain = headline(rows, until_loss=t)
+        precond = headline(rows, until_loss=t, preconditioned=True) if has_precond else None
+        chosen = precond if prediction == PRECOND else plain
+        at.append(at_target(trials, t, chosen, own=t == own, resamples=resamples, plain=plain, precond=precond))
     return Comparison(
         task=trial_rows[0]["task"],
         budget_examples=int(trial_rows[0]["budget_examples"]),
         statuses=statuses,
-        targets=tuple(
-            at_target(trials, t, headline(rows, until_loss=t), own=t == own, resamples=resamples) for t in judged
-        ),
+        targets=tuple(at),
         ladder=ladder,
         reference_batch_size=int(last.examples_seen // last.step) if last.step else 0,
         reference_eval_loss=last.eval_loss,
+        optimizer=swept,
+        predict_optimizer=predicted,
+        prediction=prediction,
+        warnings=warnings,
     )
+
+
+def sweep_optimizer(trial_rows: Sequence[dict]) -> str:
+    """The optimizer of the sweep's trials (SGD for a file from before the column); one per results folder."""
+    names = sorted({r.get("optimizer") or SGD for r in trial_rows})
+    if len(names) > 1:
+        raise UsageError(
+            f"the trials mix optimizers {', '.join(names)}; a results folder holds one optimizer's sweep: "
+            "sweep each into its own --out and compare the folders side by side"
+        )
+    return names[0]
+
+
+def matching_prediction(swept: str, predicted: str, *, has_precond: bool) -> tuple[str, tuple[str, ...]]:
+    """(which noise scale to set beside B_crit, warnings). An adaptive sweep is judged by the
+    preconditioned noise scale when predict measured one; optimizers that differ are warned about,
+    not refused, so that folders of different optimizers can still be set side by side."""
+    rerun = f"rerun predict with --optimizer {swept} for the matching prediction"
+    if swept in ADAPTIVE and has_precond:
+        if predicted == swept:
+            return PRECOND, ()
+        return PRECOND, (
+            f"the sweep trained with {swept} but predict's reference run with {predicted}: the preconditioned noise "
+            f"scale comes from {predicted}'s run; {rerun}",
+        )
+    if swept in ADAPTIVE:
+        return PLAIN, (
+            f"the sweep trained with {swept} but predict's reference run with {predicted}, which has no "
+            f"preconditioner: plain B_simple stands in for the preconditioned noise scale; {rerun}",
+        )
+    if predicted != swept:
+        return PLAIN, (
+            f"the sweep trained with {swept} but predict's reference run with {predicted}: B_simple was measured "
+            f"along another optimizer's path; {rerun}",
+        )
+    return PLAIN, ()
 
 
 def _chosen(targets: Sequence[float], own: float) -> ld.Ladder:
@@ -156,7 +225,14 @@ def _chosen(targets: Sequence[float], own: float) -> ld.Ladder:
 
 
 def at_target(
-    trials: ld.Trials, target: float, prediction: Headline, *, own: bool, resamples: int = BOOTSTRAP_RESAMPLES
+    trials: ld.Trials,
+    target: float,
+    prediction: Headline,
+    *,
+    own: bool,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    plain: Headline | None = None,
+    precond: Headline | None = None,
 ) -> AtTarget:
     """Best lr per batch size at this target, the fit, the bootstrap over seeds, the notes."""
     steps = trials.steps_to(target)
@@ -178,7 +254,7 @@ def at_target(
         else fr.Interval(math.nan, math.nan, 0, 0)
     )
     if not prediction.reached:
-        notes.append("predict's reference run never reached this loss: B_simple is averaged over all of it")
+        notes.append("predict's reference run never reached this loss: the prediction is averaged over all of it")
     return AtTarget(
         target_loss=float(target),
         own=own,
@@ -188,6 +264,8 @@ def at_target(
         interval=interval,
         prediction=prediction,
         notes=tuple(notes + _notes(points, fit, n_seeds=len(set(seeds.tolist())))),
+        plain=plain,
+        precond=precond,
     )
 
 
@@ -227,8 +305,10 @@ def comparison_rows(c: Comparison) -> list[dict]:
 
 def _comparison_row(c: Comparison, t: AtTarget) -> dict:
     f, h = t.frontier, t.prediction
+    b = t.plain or h  # plain B_simple: the prediction itself unless that is another noise scale
     nan = math.nan
     ratio = t.ratio(h.b_simple)
+    p = t.precond
     return {
         "task": c.task,
         "target_loss": t.target_loss,
@@ -244,13 +324,21 @@ def _comparison_row(c: Comparison, t: AtTarget) -> dict:
         "b_crit_at_bound": bool(f.at_bound) if f else False,
         "censored_batch_sizes": _join(t.censored),
         "lr_edge_batch_sizes": _join(t.lr_edges),
-        "b_simple": h.b_simple,
-        "b_simple_lo": h.b_simple_lo,
-        "b_simple_hi": h.b_simple_hi,
-        "b_simple_late": h.b_simple_late,
-        "b_simple_start": h.b_simple_start,
+        "b_simple": b.b_simple,
+        "b_simple_lo": b.b_simple_lo,
+        "b_simple_hi": b.b_simple_hi,
+        "b_simple_late": b.b_simple_late,
+        "b_simple_start": b.b_simple_start,
         "b_simple_checkpoints": h.checkpoints,
         "reference_reached": h.reached,
+        "b_simple_precond": p.b_simple if p else nan,
+        "b_simple_precond_lo": p.b_simple_lo if p else nan,
+        "b_simple_precond_hi": p.b_simple_hi if p else nan,
+        "b_simple_precond_late": p.b_simple_late if p else nan,
+        "b_simple_precond_start": p.b_simple_start if p else nan,
+        "optimizer": c.optimizer,
+        "predict_optimizer": c.predict_optimizer,
+        "prediction": c.prediction,
         "ratio": ratio,
         "log10_ratio": math.log10(ratio) if ratio > 0 else nan,
         "ratio_late": t.ratio(h.b_simple_late),
@@ -305,6 +393,7 @@ def frontier_plot(c: Comparison) -> FrontierPlot:
         b_crit=f.b_crit if f else math.nan,
         b_crit_interval=(t.interval.lo, t.interval.hi),
         b_simple=t.prediction.b_simple,
+        prediction_label=c.label,
     )
 
 
@@ -316,6 +405,7 @@ def ladder_plot(c: Comparison) -> LadderPlot:
         b_crit=tuple((t.b_crit, t.interval.lo, t.interval.hi) for t in c.targets),
         measured=tuple(t.measured for t in c.targets),
         b_simple=tuple((t.prediction.b_simple, t.prediction.b_simple_lo, t.prediction.b_simple_hi) for t in c.targets),
+        prediction_label=c.label,
     )
 
 
@@ -338,3 +428,71 @@ def run_compare(
         plot_frontier(frontier_plot(c), out.plot)
         plot_ladder(ladder_plot(c), out.ladder_plot)
     return c
+
+
+# --- several results folders side by side ------------------------------------------------------------
+
+
+def check_folders_out(dirs: Sequence[Path], out_dir: Path) -> SweepDir:
+    """The folder the side-by-side table goes to: not one of the folders compared, nor any sweep's folder
+    (its own comparison.parquet has other columns)."""
+    out = SweepDir(out_dir)
+    if len({Path(d).resolve() for d in dirs}) < len(dirs):
+        raise UsageError("a results folder is given twice; name each folder once")
+    if any(out.path.resolve() == Path(d).resolve() for d in dirs):
+        raise UsageError(f"--out {out.path} is one of the folders compared; give a folder of its own")
+    if out.predict.exists() or out.trials.exists():
+        raise UsageError(f"--out {out.path} holds a sweep's results; give a folder of its own for the comparison")
+    return out
+
+
+def run_compare_folders(
+    dirs: Sequence[Path],
+    out_dir: Path,
+    *,
+    targets: Sequence[float] | None = None,
+    plot: bool = True,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> tuple[Comparison, ...]:
+    """Compare each folder (one optimizer's sweep, say) as `run_compare` would, without writing into it;
+    write one comparison.parquet (a `folder` column, one row per folder and target) and one targets.png
+    into out_dir. Every folder is read and checked before anything is written."""
+    out = check_folders_out(dirs, out_dir)
+    inputs = [(SweepDir(d), read_inputs(SweepDir(d))) for d in dirs]
+    comparisons = tuple(
+        replace(compare(trial_rows, curve_rows, predict_rows, targets=targets, resamples=resamples), out=d)
+        for d, (predict_rows, trial_rows, curve_rows) in inputs
+    )
+    sets = {
+        "command": "compare",
+        "version": __version__,
+        "dirs": [str(d) for d in dirs],
+        "targets": list(targets) if targets is not None else None,
+    }
+    write_table(out.comparison, folders_rows(dirs, comparisons), FOLDERS_COMPARISON_SCHEMA, sets)
+    if plot:
+        plot_folders(folders_plot(dirs, comparisons), out.ladder_plot)
+    return comparisons
+
+
+def folders_rows(dirs: Sequence[Path], comparisons: Sequence[Comparison]) -> list[dict]:
+    """The side-by-side comparison.parquet: each folder's rows, with the folder as given."""
+    return [{"folder": str(d), **row} for d, c in zip(dirs, comparisons, strict=True) for row in comparison_rows(c)]
+
+
+def folders_plot(dirs: Sequence[Path], comparisons: Sequence[Comparison]) -> FoldersPlot:
+    """B_crit and each folder's matching prediction against the target loss, one series per folder."""
+    return FoldersPlot(
+        title=f"{', '.join(sorted({c.task for c in comparisons}))}: critical batch size by target",
+        series=tuple(
+            FolderSeries(
+                label=f"{d} ({c.optimizer})",
+                targets=tuple(t.target_loss for t in c.targets),
+                b_crit=tuple(t.b_crit for t in c.targets),
+                measured=tuple(t.measured for t in c.targets),
+                prediction=tuple(t.prediction.b_simple for t in c.targets),
+                prediction_label=c.label,
+            )
+            for d, c in zip(dirs, comparisons, strict=True)
+        ),
+    )

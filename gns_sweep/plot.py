@@ -1,5 +1,6 @@
-"""comparison.png (measured steps vs examples, the fitted frontier, the predicted curve) and
-targets.png (B_crit and B_simple against the target loss).
+"""comparison.png (measured steps vs examples, the fitted frontier, the predicted curve),
+targets.png (B_crit and the prediction against the target loss), and the same for several
+results folders at once (one colour per folder).
 
 Takes plain numbers, so it knows nothing of how they were computed.
 """
@@ -26,6 +27,7 @@ class FrontierPlot:
     b_crit: float
     b_crit_interval: tuple[float, float]  # (NaN, NaN) when there is none
     b_simple: float  # the prediction (NaN or <= 0: not drawn)
+    prediction_label: str = "B_simple"  # its name: B_simple, or B_simple^P for an adaptive optimizer
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,28 @@ class LadderPlot:
     targets: tuple[float, ...]  # eval-loss targets
     b_crit: tuple[tuple[float, float, float], ...]  # (value, lo, hi); NaN where there is none
     measured: tuple[bool, ...]  # the frontier has two ends (else drawn hollow)
-    b_simple: tuple[tuple[float, float, float], ...]  # (value, lo, hi)
+    b_simple: tuple[tuple[float, float, float], ...]  # (value, lo, hi) of the prediction
+    prediction_label: str = "B_simple"  # its name: B_simple, or B_simple^P for an adaptive optimizer
+
+
+@dataclass(frozen=True)
+class FolderSeries:
+    """One results folder's B_crit and prediction, one entry per target."""
+
+    label: str  # the folder (and its optimizer)
+    targets: tuple[float, ...]  # eval-loss targets
+    b_crit: tuple[float, ...]  # NaN where there is none
+    measured: tuple[bool, ...]  # the frontier has two ends (else drawn hollow)
+    prediction: tuple[float, ...]  # the folder's matching prediction
+    prediction_label: str  # B_simple or B_simple^P
+
+
+@dataclass(frozen=True)
+class FoldersPlot:
+    """Everything the side-by-side targets.png shows."""
+
+    title: str
+    series: tuple[FolderSeries, ...]  # one colour each
 
 
 def _pyplot():
@@ -64,7 +87,7 @@ def plot_ladder(data: LadderPlot, path: Path) -> None:
     x = np.asarray(data.targets, dtype=float)
     for series, color, marker, label in (
         (data.b_crit, "C0", "D", "B_crit measured (95% bootstrap over seeds)"),
-        (data.b_simple, "C1", "*", "B_simple predicted (95% bootstrap over checkpoints)"),
+        (data.b_simple, "C1", "*", f"{data.prediction_label} predicted (95% bootstrap over checkpoints)"),
     ):
         v, lo, hi = (np.asarray(col, dtype=float) for col in zip(*series, strict=True))
         ok = np.isfinite(v) & (v > 0)
@@ -81,6 +104,34 @@ def plot_ladder(data: LadderPlot, path: Path) -> None:
     ax.set_title(data.title, fontsize=11)
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_folders(data: FoldersPlot, path: Path) -> None:
+    """Per folder, in its own colour: B_crit (solid, diamonds; hollow where not a measurement) and its
+    prediction (dashed, stars) against the target loss, log scale; written atomically to path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
+    for i, s in enumerate(data.series):
+        color = f"C{i % 10}"
+        x = np.asarray(s.targets, dtype=float)
+        b, pred = np.asarray(s.b_crit, dtype=float), np.asarray(s.prediction, dtype=float)
+        ok = np.isfinite(b) & (b > 0)
+        ax.plot(x[ok], b[ok], color=color, marker="D", ms=6, lw=1.4, label=f"{s.label}: B_crit measured")
+        hollow = ok & ~np.asarray(s.measured, dtype=bool)
+        if hollow.any():
+            ax.scatter(x[hollow], b[hollow], s=90, facecolors="w", edgecolors=color, zorder=5)
+        ok = np.isfinite(pred) & (pred > 0)
+        ax.plot(x[ok], pred[ok], color=color, marker="*", ms=9, lw=1.2, ls="--",
+                label=f"{s.label}: {s.prediction_label} predicted")  # fmt: skip
+    ax.set_yscale("log")
+    ax.invert_xaxis()  # harder targets (lower loss) to the right, as training goes
+    ax.set_xlabel("target eval loss")
+    ax.set_ylabel("batch size")
+    ax.set_title(f"{data.title}\n(hollow: not a measurement of B_crit)", fontsize=10)
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -157,8 +208,9 @@ def _prediction(ax, data: FrontierPlot, dense: np.ndarray) -> None:
     """The predicted curve S_min (1 + B_simple/B), B_simple at its knee."""
     s_min, b_simple = data.s_min, data.b_simple
     sp = s_min * (1 + b_simple / dense)
-    ax.plot(sp * dense, sp, color="C1", lw=1.4, ls="--", label="predicted: S_min (1 + B_simple/B)")
-    label = f"B_simple = {b_simple:.3g} (ratio {b_simple / data.b_crit:.2g})"
+    name = data.prediction_label
+    ax.plot(sp * dense, sp, color="C1", lw=1.4, ls="--", label=f"predicted: S_min (1 + {name}/B)")
+    label = f"{name} = {b_simple:.3g} (ratio {b_simple / data.b_crit:.2g})"
     ax.scatter(
         [2 * s_min * b_simple], [2 * s_min], marker="*", s=140, color="C1", edgecolors="k", zorder=5, label=label
     )

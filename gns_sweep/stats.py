@@ -9,6 +9,9 @@ Where a layer couples the examples (BatchNorm), the samples are instead the mean
 gradients m_j of M micro-batches of b examples; `micro_batch=b` then gives
 tr(Sigma) = b tr(Sigma_b), tr(Sigma_b) = 1/(M-1) sum ||m_j - mbar||^2 and
 |G|^2 = ||mbar||^2 - tr(Sigma_b)/M (docs/method.md).
+For an optimizer with a diagonal preconditioner P (Adam's 1/(sqrt(v_hat)+eps)), the same estimators
+applied to g~_i = P^(1/2) g_i give B_simple^P = tr(P Sigma)/(G' P G): `precondition` maps the moments
+of the g_i to those of the g~_i, exactly, so every estimator below applies unchanged.
 
 Statistics are kept in the (n, mean, M2) form and combined with Chan et al.'s
 pairwise update, so merging shards never subtracts two large sums. Parameters
@@ -114,6 +117,23 @@ def subtract(total: Moments, part: Moments) -> Moments:
     if total.m2_param is not None and part.m2_param is not None:
         m2_param = np.maximum(total.m2_param - part.m2_param - w * delta * delta, 0.0)
     return Moments(n, mean, np.maximum(m2_group, 0.0), m2_param, total.offsets)
+
+
+def precondition(m: Moments, p: np.ndarray) -> Moments:
+    """The moments of g~_i = P^(1/2) g_i for a diagonal preconditioner P, p its (P,) diagonal (> 0).
+
+    A rescaling of each coordinate: mean~_k = sqrt(p_k) mean_k and M2~_k = p_k M2_k, so the scope sums
+    give tr(P Sigma) = sum_k p_k M2_k/(n-1) and ||gbar~||^2 = sum_k p_k mean_k^2, and merge, subtract
+    and the jackknife act on them as on any moments. Needs the per-parameter M2 (param_moments=True)."""
+    if m.m2_param is None:
+        raise ValueError("preconditioning needs the per-parameter second moments (param_moments=True)")
+    p = np.asarray(p, dtype=np.float64)
+    if p.shape != m.mean.shape:
+        raise ValueError(f"preconditioner has shape {p.shape}, the gradient {m.mean.shape}")
+    if not (np.all(np.isfinite(p)) and np.all(p > 0)):
+        raise ValueError("a preconditioner must be finite and positive")
+    m2_param = p * m.m2_param
+    return Moments(m.n, np.sqrt(p) * m.mean, group_sums(m2_param, m.offsets), m2_param, m.offsets)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from gns_sweep_cli.main import app
 from typer.testing import CliRunner
 
 from gns_sweep import ladder as ld
-from gns_sweep.compare import at_target
+from gns_sweep.compare import at_target, compare, comparison_rows
+from gns_sweep.errors import UsageError
 from gns_sweep.results import Headline
 
 runner = CliRunner()
@@ -200,3 +201,110 @@ def test_the_ladder_recovers_a_known_frontier_at_every_target():
         assert fit.s_min >= ld.EASY_END_S_MIN * 0.9  # the easy end has two ends
     spacing = (1.0 - 0.5) / ld.CANDIDATES
     assert ladder.targets[0] >= 1 - ld.EASY_END_S_MIN / tau - 2 * spacing  # the easiest such target
+
+
+def predict_rows(optimizer: str, *, precond: bool) -> list[dict]:
+    """predict.parquet rows of a 4-checkpoint reference run: B_simple 40 throughout, and (for an adaptive
+    optimizer) a preconditioned noise scale of 10."""
+    out = []
+    for c, loss in enumerate((1.0, 0.8, 0.6, 0.45)):
+        g2, tr = 0.1 + 0.05 * c, 4.0 + 2.0 * c
+        out.append(
+            dict(
+                task="t", checkpoint=c, step=10 * c, examples_seen=80 * c, train_loss=loss, eval_loss=loss,
+                n_checkpoints=4, scope="total", n_params=3, n_examples=64, estimator="per-example", micro_batch=1,
+                engine="fast", grad_sq_norm=g2, grad_sq_norm_biased=g2, trace_sigma=tr, b_simple=tr / g2,
+                b_simple_lo=1.0, b_simple_hi=100.0, b_simple_lower_bound=1.0, resolved=True, snr_mean=0.1,
+                update_ratio=0.01, optimizer=optimizer,
+                trace_sigma_precond=tr / 4 if precond else None, grad_sq_norm_precond=g2 if precond else None,
+                b_simple_precond=tr / 4 / g2 if precond else None, b_simple_precond_lo=None, b_simple_precond_hi=None,
+            )
+        )  # fmt: skip
+    return out
+
+
+def sgd_like_sweep(optimizer: str | None):
+    trials, curves = sweep_rows(lambda b, lr, seed: 30 + 2000 // b)
+    for r in trials:
+        if optimizer is not None:
+            r["optimizer"] = optimizer
+    return trials, curves
+
+
+def test_an_adaptive_sweep_is_judged_by_the_preconditioned_noise_scale():
+    trials, curves = sgd_like_sweep("adam")
+    c = compare(trials, curves, predict_rows("adam", precond=True), resamples=20)
+    assert (c.optimizer, c.predict_optimizer, c.prediction, c.warnings) == ("adam", "adam", "b_simple_precond", ())
+    for row, t in zip(comparison_rows(c), c.targets, strict=True):
+        assert row["b_simple_precond"] == pytest.approx(10.0) and row["b_simple"] == pytest.approx(40.0)
+        assert row["ratio"] == pytest.approx(10.0 / t.b_crit)
+        assert (row["prediction"], row["optimizer"], row["predict_optimizer"]) == ("b_simple_precond", "adam", "adam")
+    # an SGD sweep of the same folder keeps B_simple, with a warning that predict ran another optimizer
+    trials, curves = sgd_like_sweep("sgd")
+    sgd = compare(trials, curves, predict_rows("adam", precond=True), resamples=20)
+    assert sgd.prediction == "b_simple" and "sweep trained with sgd" in sgd.warnings[0]
+    row = comparison_rows(sgd)[-1]
+    assert row["ratio"] == pytest.approx(40.0 / sgd.targets[-1].b_crit)
+    assert row["b_simple_precond"] == pytest.approx(10.0)  # still reported
+
+
+def test_optimizers_that_differ_are_warned_about_and_a_missing_column_is_sgd():
+    trials, curves = sgd_like_sweep(None)  # a trials file from before the optimizer column
+    plain = compare(trials, curves, predict_rows("sgd", precond=False), resamples=20)
+    assert (plain.optimizer, plain.prediction, plain.warnings) == ("sgd", "b_simple", ())
+    assert math.isnan(comparison_rows(plain)[0]["b_simple_precond"])
+    old = [{k: v for k, v in r.items() if "precond" not in k} for r in predict_rows("sgd", precond=False)]
+    before = compare(trials, curves, [{**r, "optimizer": None} for r in old], resamples=20)  # a file without them
+    assert comparison_rows(before) == comparison_rows(plain)
+    trials, curves = sgd_like_sweep("adamw")
+    c = compare(trials, curves, predict_rows("sgd", precond=False), resamples=20)
+    assert c.prediction == "b_simple" and "adamw" in c.warnings[0] and "--optimizer adamw" in c.warnings[0]
+    c = compare(trials, curves, predict_rows("adam", precond=True), resamples=20)
+    assert c.prediction == "b_simple_precond" and "predict's reference run with adam" in c.warnings[0]
+    mixed = [{**r, "optimizer": "adam" if r["seed"] else "sgd"} for r in trials]
+    with pytest.raises(UsageError, match="mix optimizers adam, sgd"):
+        compare(mixed, curves, predict_rows("adam", precond=True), resamples=20)
+
+
+def test_several_folders_side_by_side(swept, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("predict.parquet", "trials.parquet", "curves.parquet"):
+        (other / name).write_bytes((swept / name).read_bytes())
+    target = pd.read_parquet(swept / "trials.parquet").target_loss.iloc[0]
+    chosen = ("--targets", f"{target + 0.05}")  # two targets (with the sweep's own): a fraction of the ladder's cost
+    own = invoke("compare", str(swept), *chosen)
+    assert own.exit_code == 0, own.output
+    alone = pd.read_parquet(swept / "comparison.parquet")
+    before = {p.name: p.read_bytes() for p in swept.iterdir() if p.is_file()}
+    out = tmp_path / "side"
+    result = invoke("compare", str(swept), str(other), "--out", str(out), *chosen)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in swept.iterdir() if p.is_file()} == before  # the folders are only read
+    assert sorted(p.name for p in other.iterdir()) == ["curves.parquet", "predict.parquet", "trials.parquet"]
+    both = pd.read_parquet(out / "comparison.parquet")
+    assert list(both.folder.unique()) == [str(swept), str(other)]
+    for folder in (swept, other):
+        part = both[both.folder == str(folder)].drop(columns="folder").reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, alone)
+    assert set(both.optimizer) == {"sgd"} and set(both.prediction) == {"b_simple"}
+    assert (out / "targets.png").stat().st_size > 10_000
+    assert str(other) in result.output and "sgd" in result.output
+    doc = invoke("compare", str(swept), str(other), "--out", str(out), "--json", *chosen)
+    assert doc.exit_code == 0, doc.output
+    import json
+
+    assert [f["folder"] for f in json.loads(doc.output)["folders"]] == [str(swept), str(other)]
+
+
+def test_several_folders_input_errors(swept, tmp_path):
+    for args, message in (
+        ([str(swept), str(swept)], "need --out"),
+        ([str(swept), str(swept), "--out", str(tmp_path / "x")], "given twice"),
+        ([str(swept), str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")], "not a folder"),
+        ([str(swept), "--out", str(swept)], "one of the folders compared"),
+    ):
+        result = invoke("compare", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 
 from gns_sweep import stats as st
-from gns_sweep.results import ScopeRow, headline
+from gns_sweep.results import PRECOND_FIELDS, ScopeRow, headline, scope_row
 
 
 def row(checkpoint: int, eval_loss: float, g2: float, tr: float, scope: str = "total") -> ScopeRow:
@@ -68,3 +69,40 @@ def test_bootstrap_ratio_of_means_matches_a_loop():
 def test_bootstrap_of_identical_pairs_collapses_and_one_pair_has_none():
     assert st.bootstrap_ratio_of_means([4.0] * 5, [2.0] * 5) == pytest.approx((2.0, 2.0))
     assert all(math.isnan(x) for x in st.bootstrap_ratio_of_means([4.0], [2.0]))
+
+
+def test_the_preconditioned_headline_is_the_same_average_of_tr_p_sigma_and_gpg():
+    """Preconditioned columns set to (3 tr, 2 |G|^2) at every checkpoint: the ratio of means is 1.5 times the
+    plain one, its bootstrap draws the same resamples, and the plain headline does not move."""
+    rows = [
+        replace(r, optimizer="adam", trace_sigma_precond=3 * r.trace_sigma, grad_sq_norm_precond=2 * r.grad_sq_norm,
+                b_simple_precond=1.5 * r.b_simple)
+        for r in ROWS
+    ]  # fmt: skip
+    plain, pre = headline(rows), headline(rows, preconditioned=True)
+    assert plain == headline(ROWS)
+    assert pre.b_simple == pytest.approx(1.5 * plain.b_simple)
+    assert (pre.b_simple_lo, pre.b_simple_hi) == pytest.approx((1.5 * plain.b_simple_lo, 1.5 * plain.b_simple_hi))
+    assert pre.b_simple_late == pytest.approx(1.5 * plain.b_simple_late)
+    assert pre.b_simple_start == pytest.approx(1.5 * plain.b_simple_start)
+    upto = headline(rows, until_loss=0.8, preconditioned=True)
+    assert upto.checkpoints == 3 and upto.b_simple == pytest.approx(1.5 * headline(ROWS, until_loss=0.8).b_simple)
+    none = headline(ROWS, preconditioned=True)  # an SGD run has none
+    assert math.isnan(none.b_simple) and none.checkpoints == 0
+    # a checkpoint without a preconditioner (Adam's initial weights) is left out of the preconditioned average
+    first = replace(rows[0], trace_sigma_precond=math.nan, grad_sq_norm_precond=math.nan, b_simple_precond=math.nan)
+    later = headline([first, *rows[1:]], preconditioned=True)
+    kept = [r for r in rows[1:] if r.scope == "total"]
+    assert later.checkpoints == 5 and later.b_simple_start == pytest.approx(kept[0].b_simple_precond)
+    assert later.b_simple == pytest.approx(
+        sum(r.trace_sigma_precond for r in kept) / sum(r.grad_sq_norm_precond for r in kept)
+    )
+
+
+def test_a_row_from_before_the_optimizer_columns_is_sgd():
+    record = {k: v for k, v in asdict(ROWS[0]).items() if k not in PRECOND_FIELDS}
+    back = scope_row({**record, "optimizer": None, "b_simple_precond": None, "node_ids": ["n"]})
+    assert back.optimizer == "sgd" and math.isnan(back.b_simple_precond) and math.isnan(back.trace_sigma_precond)
+    assert {k: v for k, v in asdict(back).items() if k not in PRECOND_FIELDS} == {
+        k: v for k, v in asdict(ROWS[0]).items() if k not in PRECOND_FIELDS
+    }

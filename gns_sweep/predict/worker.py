@@ -14,7 +14,7 @@ from gns_sweep import stats as st
 from gns_sweep.per_example import MicroBatchEngine, ParamLayout, SumAccumulator, get_engine, param_layout
 from gns_sweep.per_example.base import refuse_coupled_layers
 from gns_sweep.predict.shards import Unit
-from gns_sweep.results import ScopeRow
+from gns_sweep.results import SGD, ScopeRow
 from gns_sweep.runtime import WorkerInfo
 
 Piece = tuple[int, st.Moments, float]  # (block index, moments, loss sum) of one shard's part of a block
@@ -126,17 +126,35 @@ def scope_rows(
     loss_sum: float,
     layout: ParamLayout,
     updates: Mapping[str, tuple[float, float]],
+    *,
+    optimizer: str = SGD,
+    preconditioner: np.ndarray | None = None,
 ) -> list[ScopeRow]:
     """One row per scope: the estimate, its jackknife interval, mean SNR, the update:data ratio.
 
     `updates` maps a parameter name to (||lr * grad||^2, ||w||^2) of the reference run's step that
-    made these weights (empty at step 0)."""
+    made these weights (empty at step 0). `preconditioner` (P,) in layout order is the diagonal P of
+    an adaptive optimizer at this checkpoint: the rows then also hold the noise scale of P^(1/2) g."""
     b = where.micro_batch
     snr = st.snr(total, micro_batch=b)
+    if preconditioner is not None:  # the moments of P^(1/2) g: a rescaling, exact for merged and leave-out sets
+        total_p = st.precondition(total, preconditioner)
+        blocks_p = [st.precondition(m, preconditioner) for m in blocks]
     rows = []
     for scope, groups in layout.scopes.items():
         est = st.estimate_scope(total, groups, micro_batch=b)
         ci = st.jackknife_interval(total, blocks, groups, micro_batch=b)
+        precond = {}
+        if preconditioner is not None:
+            est_p = st.estimate_scope(total_p, groups, micro_batch=b)
+            ci_p = st.jackknife_interval(total_p, blocks_p, groups, micro_batch=b)
+            precond = dict(
+                trace_sigma_precond=est_p.trace_sigma,
+                grad_sq_norm_precond=est_p.grad_sq_norm,
+                b_simple_precond=est_p.b_simple,
+                b_simple_precond_lo=ci_p.lo,
+                b_simple_precond_hi=ci_p.hi,
+            )
         mask = np.concatenate([np.arange(layout.offsets[g], layout.offsets[g + 1]) for g in groups])
         rows.append(
             ScopeRow(
@@ -155,9 +173,26 @@ def scope_rows(
                 resolved=est.resolved,
                 snr_mean=float(snr[mask].mean()),
                 update_ratio=update_ratio(updates, [layout.names[g] for g in groups]),
+                optimizer=optimizer,
+                **precond,
             )
         )
     return rows
+
+
+def flat_preconditioner(preconditioner: Mapping[str, torch.Tensor], layout: ParamLayout) -> np.ndarray:
+    """A per-parameter preconditioner {name: tensor shaped like the parameter} as one (P,) float64 vector
+    in layout order."""
+    missing = [n for n in layout.names if n not in preconditioner]
+    if missing:
+        raise ValueError(f"the preconditioner has no entry for parameter(s) {', '.join(missing)}")
+    parts = []
+    for name, size in zip(layout.names, layout.sizes, strict=True):
+        p = preconditioner[name].detach().reshape(-1).to("cpu", torch.float64)
+        if p.numel() != size:
+            raise ValueError(f"the preconditioner of {name} has {p.numel()} entries, the parameter {size}")
+        parts.append(p.numpy())
+    return np.concatenate(parts)
 
 
 def update_ratio(updates: Mapping[str, tuple[float, float]], names: Sequence[str]) -> float:

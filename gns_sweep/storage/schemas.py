@@ -29,6 +29,14 @@ PREDICT_SCHEMA = pa.schema(
         ("resolved", pa.bool_()),  # |G|^2 > 0 at this probe size
         ("snr_mean", pa.float64()),  # mean per-parameter |gbar_k| / std_k over the scope
         ("update_ratio", pa.float64()),  # ||lr*grad|| / ||w|| of the step that led here; NaN at step 0
+        ("optimizer", pa.string()),  # the reference run's optimizer (sgd, momentum, adam, adamw, lars)
+        # In the optimizer's geometry, g~ = P^(1/2) g with P = 1/(sqrt(v_hat) + eps) at this checkpoint;
+        # NaN unless the optimizer is adaptive (adam, adamw)
+        ("trace_sigma_precond", pa.float64()),  # unbiased tr(P Sigma)
+        ("grad_sq_norm_precond", pa.float64()),  # unbiased G' P G (may be <= 0: unresolved)
+        ("b_simple_precond", pa.float64()),  # tr(P Sigma) / G' P G; NaN when unresolved
+        ("b_simple_precond_lo", pa.float64()),  # 95% jackknife interval, as for b_simple
+        ("b_simple_precond_hi", pa.float64()),
     ]
 )
 
@@ -73,8 +81,20 @@ TRIALS_SCHEMA = pa.schema(
     ]
 )
 
+# predict.parquet's columns for the optimizer's geometry: a file from before them has SGD's rows.
+PREDICT_OPTIMIZER_COLUMNS = frozenset(
+    {
+        "optimizer",
+        "trace_sigma_precond",
+        "grad_sq_norm_precond",
+        "b_simple_precond",
+        "b_simple_precond_lo",
+        "b_simple_precond_hi",
+    }
+)
+
 # Columns added after files were first written: a file without one reads as nulls there.
-LATER_COLUMNS = frozenset({"error", "node_ids"})
+LATER_COLUMNS = frozenset({"error", "node_ids"}) | PREDICT_OPTIMIZER_COLUMNS
 
 # A trial's own file: its row plus its eval curve, so one atomic write holds both.
 TRIAL_FILE_SCHEMA = TRIALS_SCHEMA.append(pa.field("curve_steps", pa.list_(pa.int64()))).append(
@@ -132,11 +152,25 @@ COMPARISON_SCHEMA = pa.schema(
         ("b_simple_start", pa.float64()),  # at the first checkpoint
         ("b_simple_checkpoints", pa.int64()),  # checkpoints averaged
         ("reference_reached", pa.bool_()),  # predict's reference run reached this loss
-        ("ratio", pa.float64()),  # b_simple / b_crit
+        ("b_simple_precond", pa.float64()),  # mean tr(P Sigma) / mean G'PG, likewise; NaN unless predict's optimizer
+        ("b_simple_precond_lo", pa.float64()),  # is adaptive. 95% bootstrap over checkpoints
+        ("b_simple_precond_hi", pa.float64()),
+        ("b_simple_precond_late", pa.float64()),  # over the last quarter of those checkpoints
+        ("b_simple_precond_start", pa.float64()),  # at the first checkpoint
+        ("optimizer", pa.string()),  # the sweep's optimizer (trials.parquet; sgd for a file without the column)
+        ("predict_optimizer", pa.string()),  # the optimizer of predict's reference run
+        ("prediction", pa.string()),  # what the ratios use: "b_simple_precond" for an adaptive sweep, else "b_simple"
+        ("ratio", pa.float64()),  # the prediction / b_crit
         ("log10_ratio", pa.float64()),
-        ("ratio_late", pa.float64()),  # b_simple_late / b_crit
-        ("ratio_start", pa.float64()),  # b_simple_start / b_crit
+        ("ratio_late", pa.float64()),  # the prediction's late value / b_crit
+        ("ratio_start", pa.float64()),  # the prediction's start value / b_crit
         ("reference_batch_size", pa.int64()),  # batch size of predict's reference run
         ("reference_eval_loss", pa.float64()),  # eval loss at predict's last checkpoint
     ]
+)
+
+# comparison.parquet of several results folders side by side: one row per (folder, target).
+FOLDERS_COMPARISON_SCHEMA = pa.schema(
+    [pa.field("folder", pa.string())]  # the results folder as given on the command line
+    + list(COMPARISON_SCHEMA)
 )
