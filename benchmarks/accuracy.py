@@ -7,11 +7,15 @@ For each built-in sweep task: the sweep once (its default seeds), predict with s
 0..N-1, and compare at every target of the default ladder. `--seeds` takes one number for
 every task, or one per task, as in `--seeds 5,tinygpt=3` (predict on tinygpt costs about
 two minutes of two cores per seed); each task's section names the seeds it ran and its wall
-time. For each candidate headline (B_simple over the whole reference run to the target,
-over its last quarter, at its first checkpoint) it prints the values across predict seeds, their spread (max/min)
-and their ratio to B_crit, and whether the headline's interval covers the median over
-seeds. A task with no target of its own (blobs-noisy without one) checks the pilot's
-choice: S_min at the chosen target. Goals are printed beside what was measured.
+time. `--work DIR` keeps the runs in DIR instead of a temporary folder and resumes from
+it: a finished predict is kept, and a sweep runs only its trials not yet on disk.
+
+For each candidate headline (B_simple over the whole reference run to the target, over
+its last quarter, at its first checkpoint) it prints the values across predict seeds,
+their spread (max/min) and their ratio to B_crit, and whether the headline's interval
+covers the median over seeds. A task with no target of its own (blobs-noisy without one)
+checks the pilot's choice: S_min at the chosen target. Goals are printed beside what was
+measured.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def sweep(task_name: str, cluster: Cluster, root: Path, *, target_free: bool = F
     task = load_task(task_name)
     if target_free:
         task = replace(task, name=f"{task.name}-no-target", target_loss=None)
-    job = prepare_empirical(EmpiricalConfig(task=task_name), task=task, out=out)
+    job = prepare_empirical(EmpiricalConfig(task=task_name), task=task, out=out, resume=True)
     run_empirical(job, cluster)
     return out
 
@@ -61,7 +65,9 @@ def predictions(task_name: str, seeds: int, cluster: Cluster, root: Path) -> lis
     out = []
     for seed in range(seeds):
         folder = SweepDir(root / f"{task_name}-predict-{seed}")
-        run_predict(prepare_predict(PredictConfig(task=task_name, seed=seed), out=folder), cluster)
+        job = prepare_predict(PredictConfig(task=task_name, seed=seed), out=folder, resume=True)
+        if not job.kept:
+            run_predict(job, cluster)
         out.append(rows(folder.predict, PREDICT_SCHEMA))
     return out
 
@@ -171,6 +177,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="blobs-noisy,linreg-ill,linreg")
     parser.add_argument("--seeds", default="5", help="predict seeds: N, or per task as in 5,tinygpt=3")
     parser.add_argument("--pilot-task", default="blobs-noisy", help="swept again without its target ('' to skip)")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here and resume from them")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -179,7 +186,7 @@ def main() -> None:
     start = time.perf_counter()
     reports, pilot = [], None
     with Cluster(ClusterConfig(num_cpus=args.num_cpus)) as cluster, tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.work or Path(tmp)
         for name in tasks:
             t0 = time.perf_counter()
             predicted = predictions(name, seeds[name], cluster, root)

@@ -3,6 +3,7 @@
     python benchmarks/per_example.py          # a table
     python benchmarks/per_example.py --json   # {workload: {method: {"ms", "ratio", "peak_mb", "batch"}}}
     python benchmarks/per_example.py --workloads tinygpt --runs 3 --no-memory   # one workload, timed 3 times
+    python benchmarks/per_example.py --workloads tinygpt --batch 256             # at predict's --max-batch
 
 norms and moments time the fast engine's call, which ends at BatchSums: the
 sum of the per-example gradients (what .grad holds after a plain step), the
@@ -333,7 +334,7 @@ def peak_mb_child(workload_name: str, method_name: str) -> float:
 
 def peak_mb(workload_name: str, method_name: str) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--peak-child", workload_name, method_name]
+    cmd = [sys.executable, __file__, "--peak-child", workload_name, method_name, "--batch", str(BATCH[workload_name])]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -399,8 +400,13 @@ def main() -> None:
     )
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     parser.add_argument("--runs", type=int, default=1, help="time the fast methods this many times over")
+    parser.add_argument("--batch", type=int, default=None, help="examples per call instead of each workload's own")
     parser.add_argument("--peak-child", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    chosen = [args.peak_child[0]] if args.peak_child else args.workloads.split(",")
+    if args.batch is not None:
+        for name in set(chosen) & set(WORKLOADS):
+            BATCH[name], SLOW_BATCH[name] = args.batch, min(SLOW_BATCH[name], args.batch)
     if args.peak_child:
         print(peak_mb_child(*args.peak_child))
         return
