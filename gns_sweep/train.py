@@ -1,4 +1,5 @@
-"""One training run: plain SGD at a constant lr towards an eval-loss target within a budget.
+"""One training run: an optimizer (plain SGD by default) at a constant lr towards an eval-loss target
+within a budget.
 
 Used by predict's reference run and by every trial of the empirical sweep.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gns_sweep.optim import ADAM, ADAMW, LARS, MOMENTUM, OptimizerSpec, build
 from gns_sweep.tasks import Task
 
 REACHED = "reached"
@@ -22,17 +24,21 @@ FAILED = "failed"  # a sweep trial whose own code raised: recorded with its erro
 EVAL_RESOLUTION = 0.02  # the step of first reaching the target is known to within 2%
 DENSE_EVAL_STEPS = 50  # evaluate every step up to here (2% of 50 is one step)
 DIVERGE_FACTOR = 10.0  # eval loss above this multiple of the initial loss counts as divergence
+MATCH_STEPS = 100  # steps of the two short runs that match another family's lr to the task's (`reference_lr`)
+# The lr each family's short run takes (a usual small value; the matched lr scales it).
+MATCH_START = {"heavy-ball": 0.1, "adam": 1e-3, "lars": 1.0}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one training run."""
 
-    batch_size: int  # examples per SGD step
+    batch_size: int  # examples per step
     lr: float  # constant learning rate
     budget_examples: int  # stop after this many training examples
     target_loss: float | None  # stop when the eval loss first reaches this (None: run the budget)
     seed: int  # seeds the initial weights and the data order
+    optimizer: OptimizerSpec = OptimizerSpec()  # plain SGD unless said otherwise
 
 
 @dataclass(frozen=True)
@@ -40,13 +46,13 @@ class TrainResult:
     """What one run did. Curves hold every eval point."""
 
     status: str  # REACHED, BUDGET or DIVERGED
-    steps: int  # SGD steps taken
+    steps: int  # optimizer steps taken
     steps_to_target: int | None  # first evaluated step with eval loss <= target
     initial_eval_loss: float  # eval loss of the initial weights
     final_eval_loss: float  # eval loss at the last evaluated step
     curve_steps: tuple[int, ...]  # steps at which the eval loss was measured
     curve_losses: tuple[float, ...]  # the eval losses there
-    update_ratios: dict[str, float]  # per parameter: ||lr * grad|| / ||weight|| at the last step
+    update_ratios: dict[str, float]  # per parameter: ||update|| / ||weight|| at the last step (Stepper.update_sq)
 
 
 def eval_due(step: int) -> bool:
@@ -94,24 +100,26 @@ def train(
     *,
     model: nn.Module | None = None,
     device: str = "cpu",
-    on_step: Callable[[int, nn.Module], None] | None = None,
+    on_step: Callable[[int, nn.Module, Stepper], None] | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train from `init_model(task, seed)` (or the given model) with plain SGD.
+    """Train from `init_model(task, seed)` (or the given model) with config.optimizer.
 
-    on_step(step, model) is called after step 0 (the initial weights) and after
-    every SGD step; stop_after ends the run after that many steps regardless.
+    on_step(step, model, stepper) is called after step 0 (the initial weights) and after
+    every optimizer step; stop_after ends the run after that many steps regardless.
     """
     if model is None:
         model = init_model(task, config.seed, device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    stepper = Stepper(config.optimizer, named, config.lr)
     x_all, y_all = task.train_inputs.to(device), task.train_targets.to(device)
     max_steps = max(1, config.budget_examples // config.batch_size)
     if stop_after is not None:
         max_steps = min(max_steps, stop_after)
     curve = _Curve(eval_loss(model, task, device=device), config.target_loss)
     if on_step is not None:
-        on_step(0, model)
+        on_step(0, model, stepper)
     if curve.steps_to_target is not None:  # the initial weights already reach the target
         max_steps = 0
     step = 0
@@ -126,12 +134,73 @@ def train(
             curve.add(step, math.inf)
             break
         loss.backward()
-        _sgd_step(params, config.lr)
+        stepper.step()
         if on_step is not None:
-            on_step(step, model)
+            on_step(step, model, stepper)
         if (eval_due(step) or step == max_steps) and curve.add(step, eval_loss(model, task, device=device)):
             break
-    return curve.result(step, _update_ratios(model, config.lr))
+    return curve.result(step, stepper.update_ratios())
+
+
+class Stepper:
+    """The optimizer as a run applies it, and the size of the last update it made.
+
+    Plain SGD takes the bare in-place update `_sgd_step` (no torch optimizer); its update is lr * grad,
+    read off the gradient. Any other optimizer is torch's (gns_sweep.optim.build), and its update is
+    measured: the weights before each step are kept, so the last update is w_after - w_before.
+    """
+
+    def __init__(self, spec: OptimizerSpec, named: list[tuple[str, nn.Parameter]], lr: float) -> None:
+        self.spec, self.lr = spec, lr
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer = None if spec.plain else build(spec, self.params, lr)  # None: the fast SGD path
+        self.before = None if spec.plain else [torch.empty_like(p) for p in self.params]  # weights before a step
+        self.steps = 0
+
+    def step(self) -> None:
+        if self.optimizer is None:
+            _sgd_step(self.params, self.lr)
+        else:
+            with torch.no_grad():
+                for b, p in zip(self.before, self.params, strict=True):
+                    b.copy_(p)
+            self.optimizer.step()
+        self.steps += 1
+
+    @torch.no_grad()
+    def update_sq(self) -> dict[str, float]:
+        """||update||^2 per trainable parameter of the last step; empty before the first.
+
+        The update is lr * grad for plain SGD, w_after - w_before for any other optimizer (a parameter
+        without a gradient counts 0 for plain SGD)."""
+        if self.steps == 0:
+            return {}
+        if self.optimizer is None:
+            return {
+                n: float((self.lr * p.grad).square().sum()) if p.grad is not None else 0.0
+                for n, p in zip(self.names, self.params, strict=True)
+            }
+        return {n: float((p - b).square().sum()) for n, p, b in zip(self.names, self.params, self.before, strict=True)}
+
+    @torch.no_grad()
+    def update_ratios(self) -> dict[str, float]:
+        """||update|| / ||w|| per parameter at the last step (w after it): the lr sanity check. Plain SGD
+        leaves out the parameters without a gradient, as they had no update."""
+        out = {}
+        measured = self.update_sq() if self.optimizer is not None else {}
+        for name, p in zip(self.names, self.params, strict=True):
+            if self.optimizer is None:
+                if p.grad is None:
+                    continue
+                step = float(self.lr * p.grad.detach().norm())
+            elif name in measured:
+                step = math.sqrt(measured[name])
+            else:
+                continue  # no step yet
+            w = float(p.detach().norm())
+            out[name] = step / w if w > 0 else math.inf
+        return out
 
 
 class _Curve:
@@ -178,12 +247,74 @@ def _sgd_step(params: list[torch.Tensor], lr: float) -> None:
             p.add_(p.grad, alpha=-lr)
 
 
-def _update_ratios(model: nn.Module, lr: float) -> dict[str, float]:
-    """||lr * grad|| / ||w|| per parameter from the last step's gradient: the lr sanity check."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        w = float(p.detach().norm())
-        out[name] = float(lr * p.grad.detach().norm()) / w if w > 0 else math.inf
-    return out
+@dataclass(frozen=True)
+class ReferenceLr:
+    """The learning rate of an optimizer at the task's own batch size, and where it comes from."""
+
+    lr: float
+    reason: str  # one line for the user
+
+
+def family(spec: OptimizerSpec) -> str:
+    """Optimizers whose learning rates are on the same scale: heavy-ball (SGD is momentum 0), adam, lars."""
+    return {ADAM: "adam", ADAMW: "adam", LARS: "lars"}.get(spec.name, "heavy-ball")
+
+
+def heavy_ball(spec: OptimizerSpec) -> float:
+    """The heavy-ball coefficient: 0 for SGD."""
+    return spec.momentum if spec.name == MOMENTUM else 0.0
+
+
+def reference_lr(task: Task, optimizer: OptimizerSpec) -> ReferenceLr:
+    """The lr of `optimizer` at task.batch_size: predict's reference run trains at it, the sweep's lr grid is
+    centred on it there.
+
+    task.lr is for the task's own optimizer (plain SGD unless it names one). The same family takes it
+    as it is, except that heavy-ball momentum m keeps the effective lr lr/(1 - m) (SGD: m = 0), the lr at
+    which its path follows SGD's. Another family's lr is on another scale: it is matched to the task's by
+    the update:data ratio (median over the first MATCH_STEPS steps): a run at MATCH_START's lr is rescaled
+    so that its steps move the weights by as much, relative to their size, as the task's optimizer's at
+    task.lr. A heuristic that puts the sweep's grid on the right scale (docs/optimizers.md)."""
+    own = task.optimizer or OptimizerSpec()
+    if family(own) == family(optimizer):
+        if family(optimizer) != "heavy-ball" or heavy_ball(own) == heavy_ball(optimizer):
+            return ReferenceLr(task.lr, f"the task's lr for {own.name}")
+        lr = task.lr * (1 - heavy_ball(optimizer)) / (1 - heavy_ball(own))
+        return ReferenceLr(
+            _round(lr), f"the task's {own.name} lr {task.lr:g} at the same effective lr, lr / (1 - momentum)"
+        )
+    steps = min(MATCH_STEPS, max(1, task.budget_examples // task.batch_size))
+    wanted = update_ratio(task, own, task.lr, steps=steps)
+    lr = MATCH_START[family(optimizer)]
+    got = update_ratio(task, optimizer, lr, steps=steps)
+    while not math.isfinite(got) and lr > 1e-12:  # diverged: come down until it does not
+        lr /= 16
+        got = update_ratio(task, optimizer, lr, steps=steps)
+    if math.isfinite(wanted) and wanted > 0 and math.isfinite(got) and got > 0:
+        lr *= wanted / got  # one rescaling: the ratio grows slower than the lr, so more rounds overshoot
+    return ReferenceLr(
+        _round(lr),
+        f"matched to the task's {own.name} lr {task.lr:g} at batch {task.batch_size} by the update:data ratio "
+        f"({wanted:.2g} per step)",
+    )
+
+
+def update_ratio(task: Task, optimizer: OptimizerSpec, lr: float, *, steps: int) -> float:
+    """Median over the first `steps` steps at task.batch_size of ||update|| / ||w|| (all trainable
+    parameters together); inf if the run diverges."""
+    ratios: list[float] = []
+
+    def record(step: int, model: nn.Module, stepper: Stepper) -> None:
+        if step > 0:
+            w = sum(float(p.detach().square().sum()) for p in stepper.params)
+            ratios.append(math.sqrt(sum(stepper.update_sq().values()) / w) if w > 0 else math.inf)
+
+    cfg = TrainConfig(task.batch_size, lr, steps * task.batch_size, None, seed=0, optimizer=optimizer)
+    if train(task, cfg, on_step=record, stop_after=steps).status == DIVERGED or not ratios:
+        return math.inf
+    ratios.sort()
+    return ratios[len(ratios) // 2]
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gns_sweep import __version__
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.per_example import DEFAULT_ENGINE, DEFAULT_MICRO_BATCH
 from gns_sweep.runtime import DEFAULT_MAX_RETRIES
 
@@ -35,6 +36,7 @@ class PredictConfig:
     cpus_per_shard: float = 1.0  # Ray CPUs per shard task (and its torch threads)
     gpus_per_shard: float = 0.0  # Ray GPUs per shard task (> 0: the shard runs on cuda)
     max_retries: int = DEFAULT_MAX_RETRIES  # re-runs of a shard whose worker process or node dies (not recorded)
+    optimizer: OptimizerSpec | None = None  # the reference run's; None: the task's (sgd if none), set by validate
 
 
 # How the work is run, not what it computes: left out of the settings a file records and compares.
@@ -44,6 +46,7 @@ RUN_ONLY = ("max_retries",)
 def settings(config: PredictConfig) -> dict:
     """What predict.parquet records, and what --resume compares."""
     kept = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
+    kept["optimizer"] = None if config.optimizer is None else config.optimizer.key()  # the settings it reads
     return {"command": "predict", "version": __version__, **kept}
 
 

@@ -113,7 +113,12 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
     resources = Resources(config.cpus_per_shard, config.gpus_per_shard, max_retries=config.max_retries)
     cluster.check_resources(resources)  # fail before any work
     ref, snapshots = reference_run(
-        task, seed=config.seed, warmup_steps=config.warmup_steps, checkpoints=config.checkpoints, progress=progress
+        task,
+        seed=config.seed,
+        warmup_steps=config.warmup_steps,
+        checkpoints=config.checkpoints,
+        progress=progress,
+        optimizer=config.optimizer,
     )
     model = init_model(task, config.seed)
     layout = param_layout(model) if config.layer is None else param_layout(model).restrict(config.layer)

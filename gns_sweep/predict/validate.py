@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gns_sweep.errors import UsageError
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.per_example import coupled_layers, param_layout
 from gns_sweep.per_example.base import check_losses
 from gns_sweep.predict.config import (
@@ -27,8 +28,11 @@ from gns_sweep.train import init_model
 
 
 def validate(config: PredictConfig, task: Task) -> PredictConfig:
-    """The config with the estimator resolved and defaults that depend on the task filled in;
-    UsageError on bad input."""
+    """The config with the estimator resolved and defaults that depend on the task filled in (the
+    optimizer: the task's, plain SGD if it names none); UsageError on bad input."""
+    if config.optimizer is not None and not isinstance(config.optimizer, OptimizerSpec):
+        raise UsageError(f"optimizer must be a gns_sweep.optim.OptimizerSpec, got {type(config.optimizer).__name__}")
+    config = replace(config, optimizer=config.optimizer or task.optimizer or OptimizerSpec())
     model = init_model(task, config.seed)  # on the CPU, as the reference run makes it
     check_trainable(task, model)
     config = _estimator(config, model)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gns_sweep.errors import UsageError
+from gns_sweep.optim import OptimizerSpec
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,13 @@ class Task:
     eval_inputs: torch.Tensor  # (N_eval, ...) held-out examples for the eval loss
     eval_targets: torch.Tensor  # (N_eval, ...)
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> per-example losses (N,)
-    lr: float = 0.1  # default SGD learning rate at batch size `batch_size`
+    lr: float = 0.1  # default learning rate of `optimizer` at batch size `batch_size`
     batch_size: int = 8  # small batch of predict's reference run
     target_loss: float | None = None  # default eval-loss target; None: chosen by a pilot run
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # default sweep grid
     budget_examples: int = 200_000  # default per-run compute budget, in examples
     description: str = ""  # one line for `gns-sweep tasks`
+    optimizer: OptimizerSpec | None = None  # default optimizer of predict and the sweep (None: plain SGD)
 
     def __post_init__(self) -> None:
         for split in ("train", "eval"):
@@ -52,6 +54,11 @@ class Task:
             raise UsageError(f"task '{self.name}': batch_size must be >= 1, got {self.batch_size}")
         if self.budget_examples < 1:
             raise UsageError(f"task '{self.name}': budget_examples must be >= 1, got {self.budget_examples}")
+        if self.optimizer is not None and not isinstance(self.optimizer, OptimizerSpec):
+            raise UsageError(
+                f"task '{self.name}': optimizer must be a gns_sweep.optim.OptimizerSpec or None (plain SGD), "
+                f"got {type(self.optimizer).__name__}"
+            )
         if self.target_loss is not None and not math.isfinite(self.target_loss):
             raise UsageError(
                 f"task '{self.name}': target_loss must be a finite number, got {self.target_loss}; "
@@ -76,7 +83,7 @@ def _check_finite(task: str, field: str, values: torch.Tensor) -> None:
 
 
 def check_trainable(task: Task, model: nn.Module) -> None:
-    """SGD needs something to move: refuse a model whose parameters all have requires_grad off."""
+    """Training needs something to move: refuse a model whose parameters all have requires_grad off."""
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError(
             f"task '{task.name}': the model from build_model() has no trainable parameters (none requires grad); "
