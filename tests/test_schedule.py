@@ -4,6 +4,7 @@ ceiling, with the lr scaled by its rule, inside its budget, in the seed's data o
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -21,7 +22,7 @@ def linreg():
 
 def growing(task, **changes) -> ScheduleConfig:
     """Linear regression run past its target towards the noise floor, where B_noise grows as the loss falls."""
-    base = dict(floor=4, ceiling=1024, every=5, target_loss=None, budget_examples=12000, lr_max=0.5)
+    base = dict(floor=4, ceiling=1024, every=2, target_loss=None, budget_examples=12000, lr_max=0.5)
     return ScheduleConfig.from_task(task, **{**base, **changes})
 
 
@@ -60,11 +61,16 @@ def test_the_batch_follows_the_monitored_noise_scale_and_grows_towards_the_noise
 
 
 def test_the_batch_is_clamped_to_floor_and_ceiling(linreg):
-    high = run_schedule(linreg, growing(linreg, k=1000.0, floor=4, ceiling=16, budget_examples=2000))
+    config = growing(linreg, k=1000.0, floor=4, ceiling=16, budget_examples=2000)
+    high = run_schedule(linreg, config)
     assert {d.batch_size for d in high.decisions} == {16}
-    low = run_schedule(linreg, growing(linreg, k=1e-3, floor=8, ceiling=1024, budget_examples=2000))
+    unclamped = replace(config, ceiling=2**40)
+    assert all(choose_batch(d.b_noise, 16, unclamped) >= 2**10 for d in high.decisions)  # the rule wanted more
+    config = growing(linreg, k=1e-3, floor=8, ceiling=1024, budget_examples=2000)
+    low = run_schedule(linreg, config)
     assert {d.batch_size for d in low.decisions} == {8} and set(low.curve_batch_sizes) == {8}
-    assert all(not math.isnan(d.b_noise) and d.b_noise > 100 for d in high.decisions[-3:])  # the rule wanted more
+    unclamped = replace(config, floor=1)
+    assert all(choose_batch(d.b_noise, 8, unclamped) <= 2 for d in low.decisions)  # ... or less
 
 
 def test_the_lr_follows_the_rule(linreg):

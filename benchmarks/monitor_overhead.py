@@ -1,0 +1,157 @@
+"""What GnsMonitor costs a training step, on the tinygpt task's model and data.
+
+    python benchmarks/monitor_overhead.py                  # a table
+    python benchmarks/monitor_overhead.py --json           # {"ms": {...}, "ratios": {...}}
+    python benchmarks/monitor_overhead.py --rounds 40 --batch 32 --micro-batches 4
+
+Four kinds of training step, each on its own copy of TinyGPT (torch's default
+initialisation, seed 0) with torch.optim.SGD, on the same batch of BATCH windows
+of the tinygpt training set (a different batch every round):
+
+- `plain`: zero_grad, loss_fn(model(x), y).mean().backward(), optimizer.step();
+- `per-example`: zero_grad, monitor.forward_backward(x, y) (the fast engine's
+  per-example norms), optimizer.step();
+- `accumulate`: zero_grad, MICRO micro-batches of the same batch, each
+  (loss.mean() / MICRO).backward(), optimizer.step() -- plain gradient accumulation;
+- `accumulate+monitor`: the same with monitor.micro_batch(b) after each backward
+  and monitor.update() before the step (the micro-batch estimator).
+
+The ratios are per-example / plain and accumulate+monitor / accumulate: the
+monitor against the step it replaces. All four run in interleaved rounds (one
+call of each per round, in a rotating order), so drift in the machine's load
+hits them alike; each ratio is taken within a round, and the table gives the
+median over the rounds with the range of the middle 80 % of rounds, in wall
+time and in CPU time of the process (which another process's load on a shared
+machine disturbs less). Goals: per-example <= 1.25x, micro-batch <= 1.05x.
+`--threads N` sets torch's threads (default: torch's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from gns_sweep.monitor import GnsMonitor
+from gns_sweep.tasks import tinygpt
+
+BATCH = 32  # windows of 64 characters per step: the largest batch of the tinygpt grid
+MICRO = 4  # micro-batches of gradient accumulation
+ROUNDS = 30
+WARMUP = 3  # rounds not timed: the engine's first call reads the model and probes its batch dimension
+METHODS = ("plain", "per-example", "accumulate", "accumulate+monitor")
+RATIOS = {"per-example": ("per-example", "plain"), "micro-batch": ("accumulate+monitor", "accumulate")}
+GOALS = {"per-example": 1.25, "micro-batch": 1.05}
+
+
+def steps(micro: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], None]]:
+    """The four step functions, each with its own model and optimizer."""
+    torch.manual_seed(0)
+    base = tinygpt.TinyGPT()
+    loss_fn = tinygpt.sequence_cross_entropy
+    models = {m: copy.deepcopy(base) for m in METHODS}
+    opts = {m: torch.optim.SGD(models[m].parameters(), lr=1e-3) for m in METHODS}
+    per_example = GnsMonitor(models["per-example"], loss=loss_fn)
+    micro_monitor = GnsMonitor(models["accumulate+monitor"])
+
+    def plain(x, y):
+        opts["plain"].zero_grad()
+        loss_fn(models["plain"](x), y).mean().backward()
+        opts["plain"].step()
+
+    def monitored(x, y):
+        opts["per-example"].zero_grad()
+        per_example.forward_backward(x, y)
+        opts["per-example"].step()
+
+    def accumulate(name: str, monitor: GnsMonitor | None):
+        model, opt = models[name], opts[name]
+
+        def step(x, y):
+            opt.zero_grad()
+            for xb, yb in zip(x.tensor_split(micro), y.tensor_split(micro), strict=True):
+                (loss_fn(model(xb), yb).mean() / micro).backward()
+                if monitor is not None:
+                    monitor.micro_batch(xb.shape[0])
+            if monitor is not None:
+                monitor.update()
+            opt.step()
+
+        return step
+
+    return {
+        "plain": plain,
+        "per-example": monitored,
+        "accumulate": accumulate("accumulate", None),
+        "accumulate+monitor": accumulate("accumulate+monitor", micro_monitor),
+    }
+
+
+def measure(batch: int, micro: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each method, per timed round: {"wall": {method: [...]}, "cpu": {...}}."""
+    fns = steps(micro)
+    (x_all, y_all), _ = tinygpt.split()
+    times: dict[str, dict[str, list[float]]] = {"wall": {m: [] for m in METHODS}, "cpu": {m: [] for m in METHODS}}
+    for r in range(WARMUP + rounds):
+        idx = torch.arange(r * batch, (r + 1) * batch) % x_all.shape[0]
+        x, y = x_all[idx], y_all[idx]
+        order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]  # rotating: no method always first
+        for m in order:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fns[m](x, y)
+            if r >= WARMUP:
+                times["wall"][m].append(time.perf_counter() - wall)
+                times["cpu"][m].append(time.process_time() - cpu)
+    return times
+
+
+def summarise(times: dict[str, dict[str, list[float]]]) -> dict:
+    """Median ms per method, and each ratio's median and middle-80 % range over the rounds, per clock."""
+    out = {}
+    for clock, per_method in times.items():
+        ratios = {}
+        for name, (num, den) in RATIOS.items():
+            per_round = sorted(a / b for a, b in zip(per_method[num], per_method[den], strict=True))
+            k = len(per_round) // 10  # the middle 80 %
+            ratios[name] = {"median": statistics.median(per_round), "lo": per_round[k], "hi": per_round[-1 - k]}
+        out[clock] = {"ms": {m: 1e3 * statistics.median(t) for m, t in per_method.items()}, "ratios": ratios}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--micro-batches", type=int, default=MICRO)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = summarise(measure(args.batch, args.micro_batches, args.rounds))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(
+        f"tinygpt, batch {args.batch} x {tinygpt.CONTEXT} tokens, {args.micro_batches} micro-batches, "
+        f"{args.rounds} rounds, {torch.get_num_threads()} torch threads"
+    )
+    print(f"  {'method':<20} {'wall ms':>9} {'cpu ms':>9}   (medians)")
+    for m in METHODS:
+        print(f"  {m:<20} {result['wall']['ms'][m]:9.1f} {result['cpu']['ms'][m]:9.1f}")
+    for name, goal in GOALS.items():
+        cells = []
+        for clock in ("wall", "cpu"):
+            r = result[clock]["ratios"][name]
+            cells.append(f"{clock} {r['median']:.3f}x [{r['lo']:.3f}-{r['hi']:.3f}]")
+        met = "met" if result["wall"]["ratios"][name]["median"] <= goal else "missed"
+        print(f"  {name:<20} {'   '.join(cells)}   goal <= {goal:.2f}x (wall median): {met}")
+
+
+if __name__ == "__main__":
+    main()
