@@ -1,12 +1,15 @@
 """A training run whose batch size follows the monitored noise scale.
 
-Plain SGD, as train.py's runs, from the seed's initial weights and in the
-seed's data order (train.batches' permutations, taken however many examples a
+The optimizer of train.py's runs (plain SGD unless the config names another,
+applied by train.Stepper), from the seed's initial weights and in the seed's
+data order (train.batches' permutations, taken however many examples a
 step needs), with a GnsMonitor doing every step's backward. Every `every`
 steps (default: every step) the batch size becomes the power of two nearest k * B_noise, B_noise
 being the monitor's smoothed B_simple of the whole model, clamped to
 [floor, ceiling]; the lr follows the batch by the optimizer's rule (linear
-for SGD: lr * B / base_batch, up to lr_max). An unresolved estimate (smoothed
+for SGD and momentum: lr * B / base_batch; the square root of that ratio for
+Adam and AdamW), up to lr_max. The monitor measures the plain gradient's noise
+scale, whichever the optimizer. An unresolved estimate (smoothed
 |G|^2 <= 0: the gradient is lost in the noise at the batch sizes measured)
 says only that B_noise is at least about the current batch B, so it is taken
 as 2B, one power of two up: with k = 1 the batch doubles. The run stops at
@@ -26,12 +29,12 @@ import torch
 
 from gns_sweep.errors import UsageError
 from gns_sweep.monitor import MICRO_BATCH, PER_EXAMPLE, GnsMonitor
+from gns_sweep.optim import LINEAR, SQRT, OptimizerSpec
 from gns_sweep.tasks import Task
-from gns_sweep.train import _Curve, _sgd_step, batches, eval_due, eval_loss, init_model
+from gns_sweep.train import Stepper, _Curve, batches, eval_due, eval_loss, init_model
 
-LINEAR = "linear"  # lr proportional to the batch size (SGD below its largest stable lr)
 CONSTANT = "constant"  # the same lr at every batch size
-LR_RULES = (LINEAR, CONSTANT)
+LR_RULES = (LINEAR, SQRT, CONSTANT)  # lr proportional to the batch (SGD), to its square root (Adam), or fixed
 ESTIMATORS = (PER_EXAMPLE, MICRO_BATCH)
 # The monitor's EMA over about 1 / (1 - 0.8) = 5 steps, against its default of 20: B_noise grows over a run, and the
 # built-in tasks reach their targets in 50-200 steps, where a 20-step window lags behind it (docs/monitor.md).
@@ -42,7 +45,7 @@ SCHEDULE_BETA = 0.8
 class ScheduleConfig:
     """Settings of one adaptive-batch run (`from_task` fills them from a task's defaults)."""
 
-    lr: float  # SGD lr at batch size base_batch
+    lr: float  # the optimizer's lr at batch size base_batch
     base_batch: int  # the batch size `lr` is given for (B0 of the lr rule)
     floor: int  # smallest batch size, and the first one
     ceiling: int  # largest batch size
@@ -51,16 +54,17 @@ class ScheduleConfig:
     seed: int = 0  # seeds the initial weights and the data order, as train.py's runs
     k: float = 1.0  # the batch is the power of two nearest k * B_noise
     every: int = 1  # steps between batch-size decisions (the EMA already smooths: see SCHEDULE_BETA)
-    lr_rule: str = LINEAR  # one of LR_RULES
+    lr_rule: str | None = None  # one of LR_RULES; None: the optimizer's (OptimizerSpec.lr_scaling)
     lr_max: float | None = None  # cap on the scaled lr (None: no cap)
     beta: float = SCHEDULE_BETA  # the monitor's EMA decay per step
     estimator: str = PER_EXAMPLE  # one of ESTIMATORS: the fast engine's per-example norms, or micro-batches
     micro_batches: int = 4  # micro-batches per step of the micro-batch estimator
+    optimizer: OptimizerSpec = OptimizerSpec()  # plain SGD unless said otherwise
 
     @classmethod
     def from_task(cls, task: Task, **changes) -> ScheduleConfig:
-        """The task's lr, small batch, budget and target, between the ends of its sweep grid (the floor raised
-        to the fewest examples the estimator can measure)."""
+        """The task's lr, optimizer, small batch, budget and target, between the ends of its sweep grid (the
+        floor raised to the fewest examples the estimator can measure)."""
         micro = changes.get("micro_batches", cls.micro_batches)
         least = 2 if changes.get("estimator", cls.estimator) == PER_EXAMPLE else max(2, micro)
         base = cls(
@@ -70,6 +74,7 @@ class ScheduleConfig:
             ceiling=max(task.batch_sizes),
             budget_examples=task.budget_examples,
             target_loss=task.target_loss,
+            optimizer=task.optimizer or OptimizerSpec(),
         )
         return replace(base, **changes)
 
@@ -118,7 +123,9 @@ def choose_batch(b_noise: float, current: int, config: ScheduleConfig) -> int:
 
 
 def lr_for(batch_size: int, config: ScheduleConfig) -> float:
-    lr = config.lr * batch_size / config.base_batch if config.lr_rule == LINEAR else config.lr
+    ratio = batch_size / config.base_batch
+    rule = config.lr_rule or config.optimizer.lr_scaling
+    lr = config.lr * (ratio if rule == LINEAR else math.sqrt(ratio) if rule == SQRT else 1.0)
     return lr if config.lr_max is None else min(lr, config.lr_max)
 
 
@@ -151,7 +158,7 @@ def check_config(config: ScheduleConfig) -> None:
             raise UsageError(f"{name} must be a finite number > 0, got {value!r}")
     if config.lr_max is not None and not (math.isfinite(config.lr_max) and config.lr_max > 0):
         raise UsageError(f"lr_max must be a finite number > 0 or None (no cap), got {config.lr_max!r}")
-    if config.lr_rule not in LR_RULES:
+    if config.lr_rule is not None and config.lr_rule not in LR_RULES:
         raise UsageError(f"unknown lr_rule {config.lr_rule!r}; choose one of: {', '.join(LR_RULES)}")
     if not 0 <= config.beta < 1:
         raise UsageError(f"beta must be in [0, 1), got {config.beta!r}")
@@ -164,12 +171,14 @@ def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> 
     check_config(config)
     start = time.perf_counter()
     model = init_model(task, config.seed, device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     per_example = config.estimator == PER_EXAMPLE
     monitor = GnsMonitor(model, loss=task.loss if per_example else None, beta=config.beta)
     x_all, y_all = task.train_inputs.to(device), task.train_targets.to(device)
     order = _Order(x_all.shape[0], config.seed)
     batch, lr = config.floor, lr_for(config.floor, config)
+    stepper = Stepper(config.optimizer, named, lr)
     curve = _Curve(eval_loss(model, task, device=device), config.target_loss)
     trajectory = _Trajectory(batch, lr)
     decisions: list[Decision] = []
@@ -189,12 +198,13 @@ def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> 
             curve.add(step, math.inf)
             trajectory.add(batch, examples, lr, monitor.b_simple())
             break
-        _sgd_step(params, lr)
+        stepper.step()
         stepped_batch, stepped_lr = batch, lr
         if step % config.every == 0:
             b_noise = monitor.b_simple()
             batch = choose_batch(b_noise, batch, config)
             lr = lr_for(batch, config)
+            _set_lr(stepper, lr)
             decisions.append(Decision(step, b_noise, batch, lr))
         last = examples + batch > config.budget_examples  # the next step would pass the budget
         if eval_due(step) or last:
@@ -232,6 +242,14 @@ def _accumulate(monitor: GnsMonitor, task: Task, model, x: torch.Tensor, y: torc
         total = total + loss.detach() * (xb.shape[0] / n)
     monitor.update()
     return total
+
+
+def _set_lr(stepper: Stepper, lr: float) -> None:
+    """The lr of the steps to come: plain SGD reads stepper.lr, a torch optimizer its parameter groups."""
+    stepper.lr = lr
+    if stepper.optimizer is not None:
+        for group in stepper.optimizer.param_groups:
+            group["lr"] = lr
 
 
 class _Trajectory:

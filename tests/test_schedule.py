@@ -10,6 +10,7 @@ import pytest
 
 from gns_sweep.errors import UsageError
 from gns_sweep.monitor import MICRO_BATCH
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.schedule import ScheduleConfig, choose_batch, lr_for, nearest_power_of_two, run_schedule
 from gns_sweep.tasks import load_task
 from gns_sweep.train import REACHED, TrainConfig, train
@@ -106,6 +107,20 @@ def test_at_one_batch_size_it_is_the_fixed_batch_run(linreg):
     assert adaptive.examples_to_target == 16 * fixed.steps_to_target
 
 
+def test_another_optimizer_takes_its_own_lr_rule(linreg):
+    """Adam: the lr grows with the square root of the batch; at one batch size the run is train()'s with Adam."""
+    adam = OptimizerSpec(name="adam")
+    r = run_schedule(linreg, growing(linreg, optimizer=adam, lr=0.01, lr_max=None, budget_examples=3000))
+    assert len(set(r.curve_batch_sizes)) >= 2
+    for lr, b in zip(r.curve_lrs, r.curve_batch_sizes, strict=True):
+        assert lr == pytest.approx(0.01 * math.sqrt(b / linreg.batch_size))
+    one = ScheduleConfig.from_task(linreg, optimizer=adam, lr=0.01, floor=16, ceiling=16, budget_examples=1600)
+    adaptive = run_schedule(linreg, replace(one, target_loss=None))
+    fixed = train(linreg, TrainConfig(16, 0.01 * math.sqrt(2), 1600, None, seed=0, optimizer=adam))
+    assert adaptive.curve_steps == fixed.curve_steps and adaptive.steps == fixed.steps == 100
+    assert adaptive.curve_losses == pytest.approx(fixed.curve_losses, rel=1e-5)
+
+
 def test_it_stops_at_the_target(linreg):
     r = run_schedule(linreg, ScheduleConfig.from_task(linreg, every=5))
     assert r.status == REACHED and r.final_eval_loss <= linreg.target_loss
@@ -121,7 +136,7 @@ def test_it_stops_at_the_target(linreg):
         (dict(floor=1), "floor >= 2"),
         (dict(estimator=MICRO_BATCH, micro_batches=4, floor=2), "floor >= 4"),
         (dict(floor=64, ceiling=32), "ceiling >= floor"),
-        (dict(lr_rule="cubic"), "linear, constant"),
+        (dict(lr_rule="cubic"), "linear, sqrt, constant"),
         (dict(k=0.0), "k must be"),
         (dict(every=0), "every must be a positive integer"),
         (dict(budget_examples=1), "less than one step"),
