@@ -4,15 +4,29 @@ estimators fed explicit per-example gradients multiplied by sqrt(P)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from gns_sweep import stats as st
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.per_example import param_layout
-from gns_sweep.predict import Checkpoint, edges, measure, micro_batches, probe_shard
+from gns_sweep.predict import (
+    Checkpoint,
+    PredictConfig,
+    edges,
+    measure,
+    micro_batches,
+    prepare_predict,
+    probe_indices,
+    probe_shard,
+    run_predict,
+)
+from gns_sweep.predict.reference import reference_run
 from gns_sweep.predict.worker import flat_preconditioner, scope_rows
+from gns_sweep.progress import no_progress
 from gns_sweep.runtime import WorkerInfo
 from gns_sweep.tasks import load_task
 from gns_sweep.train import init_model
@@ -179,3 +193,35 @@ def test_predict_rows_match_explicit_per_example_gradients_times_sqrt_p():
         assert (r.trace_sigma, r.b_simple) == (plain[scope].trace_sigma, plain[scope].b_simple)
         assert plain[scope].optimizer == "sgd" and math.isnan(plain[scope].b_simple_precond)
     assert rows["total"].b_simple_precond != pytest.approx(rows["total"].b_simple, rel=0.01)  # P is not ~ constant
+
+
+def test_predict_with_adam_fills_the_preconditioned_columns_from_the_checkpoints_p(cluster):
+    """A checkpoint of an Adam reference run has tr(P Sigma) and G'PG from its own P: against the per-example
+    loop on the replayed weights, scaled by sqrt(P) read off the replay's optimizer. An SGD run has none."""
+    cfg = PredictConfig(
+        task="blobs-noisy", probe_size=96, checkpoints=1, warmup_steps=4, blocks=4, optimizer=OptimizerSpec("adam")
+    )
+    result = run_predict(prepare_predict(cfg), cluster)
+    (total,) = [r for r in result.rows if r.scope == "total"]
+    assert {r.optimizer for r in result.rows} == {"adam"} and total.step == 4
+    task = load_task(cfg.task)
+    _, snapshots = reference_run(
+        task, seed=0, warmup_steps=4, checkpoints=1, progress=no_progress, optimizer=OptimizerSpec("adam")
+    )
+    model = init_model(task, 0)
+    model.load_state_dict(snapshots[4].state)
+    layout = param_layout(model)
+    p = flat_preconditioner(snapshots[4].preconditioner, layout).astype(np.float64)
+    g = per_example_loop(model, task, probe_indices(task.n_train, 96, 0, 0)) * np.sqrt(p)
+    for scope, groups in layout.scopes.items():
+        cols = np.concatenate([np.arange(layout.offsets[k], layout.offsets[k + 1]) for k in groups])
+        trace, g2, _ = direct(g[:, cols])
+        row = next(r for r in result.rows if r.scope == scope)
+        assert row.trace_sigma_precond == pytest.approx(trace, rel=1e-4), scope
+        assert row.grad_sq_norm_precond == pytest.approx(g2, rel=1e-3, abs=1e-5 * trace), scope
+    h = result.precond_headline
+    assert h is not None and h.checkpoints == 1
+    assert h.b_simple == pytest.approx(total.trace_sigma_precond / total.grad_sq_norm_precond)
+    sgd = run_predict(prepare_predict(replace(cfg, optimizer=None)), cluster)
+    assert {r.optimizer for r in sgd.rows} == {"sgd"} and sgd.precond_headline is None
+    assert all(math.isnan(r.b_simple_precond) and math.isnan(r.trace_sigma_precond) for r in sgd.rows)

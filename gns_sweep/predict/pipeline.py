@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from gns_sweep import stats as st
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example import ParamLayout, param_layout
@@ -19,7 +21,7 @@ from gns_sweep.predict.reference import ReferenceRun, reference_run
 from gns_sweep.predict.report import LayerFlag, layer_flags, snr_histogram
 from gns_sweep.predict.shards import Unit, assign, edges, micro_batches, probe_indices
 from gns_sweep.predict.validate import validate
-from gns_sweep.predict.worker import Checkpoint, Piece, measure, probe_checkpoints, scope_rows
+from gns_sweep.predict.worker import Checkpoint, Piece, flat_preconditioner, measure, probe_checkpoints, scope_rows
 from gns_sweep.progress import ProgressFn, no_progress
 from gns_sweep.results import NORM, Headline, ScopeRow, headline
 from gns_sweep.runtime import Cluster, Resources, WorkerInfo
@@ -60,6 +62,7 @@ class PredictResult:
     snr_counts: tuple[int, ...]  # 10 counts
     node_ids: tuple[tuple[str, ...], ...] = ()  # per checkpoint: the Ray nodes that ran its shards
     norm_headline: Headline | None = None  # the headline of the normalization layers' parameters alone
+    precond_headline: Headline | None = None  # tr(P Sigma)/G'PG averaged likewise (adaptive optimizers only)
     out: SweepDir | None = field(default=None)
 
 
@@ -133,6 +136,13 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
         param_moments=True,
     )
     updates = [snapshots[s].updates for s in steps]
+    # An adaptive optimizer's P per checkpoint, flattened in layout order: the rows are made here, from the
+    # merged moments, so P never goes to the workers (preconditioning is a rescaling of the moments).
+    preconds = {
+        c: flat_preconditioner(snapshots[s].preconditioner, layout)
+        for c, s in enumerate(steps)
+        if snapshots[s].preconditioner is not None
+    }
     calls, owner = [], []
     for chunk in groups_of(len(steps), groups, len(work)):
         states = cluster.put([snapshots.pop(steps[c]).state for c in chunk])  # one copy for every shard
@@ -140,7 +150,7 @@ def run_predict(job: PredictJob, cluster: Cluster, *, progress: ProgressFn = no_
         for k, units_k in enumerate(work):
             calls.append(dict(shared, states=states, probes=probes, units=units_k))
             owner.append([(c, k) for c in chunk])
-    gather = _Gather(job, ref, layout, n_blocks, shards=len(work), updates=updates)
+    gather = _Gather(job, ref, layout, n_blocks, shards=len(work), updates=updates, preconds=preconds)
 
     def done(i: int, parts: list[list[Piece]], worker: WorkerInfo) -> None:
         for (c, k), pieces in zip(owner[i], parts, strict=True):
@@ -196,10 +206,20 @@ class _Gather:
     """Checkpoints complete in any order; each one's rows are made once all its shards are in."""
 
     def __init__(
-        self, job: PredictJob, ref: ReferenceRun, layout: ParamLayout, n_blocks: int, *, shards: int, updates: list
+        self,
+        job: PredictJob,
+        ref: ReferenceRun,
+        layout: ParamLayout,
+        n_blocks: int,
+        *,
+        shards: int,
+        updates: list,
+        preconds: dict[int, np.ndarray] | None = None,
     ):
         self.job, self.ref, self.layout, self.n_blocks, self.shards = job, ref, layout, n_blocks, shards
         self.updates = updates  # per checkpoint: the reference run's step sizes there
+        self.preconds = dict(preconds or {})  # checkpoint -> (P,) preconditioner; dropped once its rows are made
+        self.had_precond = bool(self.preconds)  # the optimizer is adaptive: the rows hold the *_precond columns
         self.pieces: dict[int, dict[int, list[Piece]]] = {}  # checkpoint -> shard -> its pieces
         self.nodes: dict[int, dict[int, str]] = {}  # checkpoint -> shard -> the node that ran it
         self.done: dict[int, list[ScopeRow]] = {}
@@ -228,7 +248,16 @@ class _Gather:
             estimator=config.estimator,
             micro_batch=b,
         )
-        self.done[c] = scope_rows(where, total, blocks, loss_sum, self.layout, self.updates[c])
+        self.done[c] = scope_rows(
+            where,
+            total,
+            blocks,
+            loss_sum,
+            self.layout,
+            self.updates[c],
+            optimizer=ref.optimizer.name,
+            preconditioner=self.preconds.pop(c, None),
+        )
         if c == len(self.ref.checkpoint_steps) - 1:
             self.last_total = total
         if self.job.out is not None:
@@ -265,5 +294,6 @@ def _result(job: PredictJob, ref: ReferenceRun, gather: _Gather, last_snr) -> Pr
         snr_counts=counts,
         node_ids=tuple(gather.node_ids().values()),
         norm_headline=headline(rows, scope=NORM) if any(r.scope == NORM for r in rows) else None,
+        precond_headline=headline(rows, preconditioned=True) if gather.had_precond else None,
         out=job.out,
     )

@@ -181,14 +181,14 @@ def scope_rows(
 
 
 def flat_preconditioner(preconditioner: Mapping[str, torch.Tensor], layout: ParamLayout) -> np.ndarray:
-    """A per-parameter preconditioner {name: tensor shaped like the parameter} as one (P,) float64 vector
-    in layout order."""
+    """A per-parameter preconditioner {name: tensor shaped like the parameter} as one (P,) vector in layout
+    order, in the tensors' own dtype (predict holds one per checkpoint until its rows are made)."""
     missing = [n for n in layout.names if n not in preconditioner]
     if missing:
         raise ValueError(f"the preconditioner has no entry for parameter(s) {', '.join(missing)}")
     parts = []
     for name, size in zip(layout.names, layout.sizes, strict=True):
-        p = preconditioner[name].detach().reshape(-1).to("cpu", torch.float64)
+        p = preconditioner[name].detach().reshape(-1).cpu()
         if p.numel() != size:
             raise ValueError(f"the preconditioner of {name} has {p.numel()} entries, the parameter {size}")
         parts.append(p.numpy())
