@@ -84,9 +84,8 @@ def accumulation_estimate(
 
     part_sq: (k, G) ||d_j||^2 per micro-batch and parameter tensor, d_j = scales[j] m_j the gradient micro-batch
     j added; total_sq: (G,) ||sum_j d_j||^2; sizes: b_j, the micro-batches' examples."""
-    c = torch.tensor(scales, dtype=torch.float64, device=part_sq.device)  # (k,)
-    b = torch.tensor(sizes, dtype=torch.float64, device=part_sq.device)  # (k,)
-    c1, c2, t = float(c.sum()), float(c.square().sum()), float((c.square() / b).sum())
+    c1, c2 = math.fsum(scales), math.fsum(c * c for c in scales)
+    t = math.fsum(c * c / b for c, b in zip(scales, sizes, strict=True))
     a1 = part_sq.sum(0)  # (G,)
     g2 = (total_sq - a1) / (c1 * c1 - c2)
     return g2, (a1 - c2 * g2) / t
@@ -183,6 +182,29 @@ class GnsMonitor:
         if self._scales and (scale is None) != (self._scales[0] is None):
             raise UsageError("give scale= to every micro_batch() of a step, or to none of them")
         now = [p.grad for p in self._params]
+        with torch.no_grad():
+            complete = not any(grad is None for grad in now)
+            if complete and all(self._seen):  # every micro-batch but a step's first
+                torch._foreach_sub_(self._prev, now)  # -d_j, in the buffers that held .grad before this backward
+                sq = _sq_norms(self._prev, None, len(now), float64=False)  # (G,) ||d_j||^2
+                torch._foreach_copy_(self._prev, now)
+            elif complete and not any(self._seen) and self._fits(now):  # a step's first: d_1 is .grad
+                sq = _sq_norms(now, None, len(now), float64=False)
+                torch._foreach_copy_(self._prev, now)
+                self._seen = [True] * len(now)
+            else:
+                sq = self._first_parts(now)
+        self._parts.append(sq)
+        self._sizes.append(n)
+        self._scales.append(scale)
+
+    def _fits(self, now: list[torch.Tensor]) -> bool:
+        """The buffers from earlier steps can hold these gradients."""
+        pairs = zip(self._prev, now, strict=True)
+        return all(p is not None and p.shape == g.shape and p.dtype == g.dtype for p, g in pairs)
+
+    def _first_parts(self, now: list[torch.Tensor | None]) -> torch.Tensor:
+        """micro_batch()'s squared norms where some tensor has no gradient yet, or had none before."""
         for g, grad in enumerate(now):
             if grad is None and self._seen[g]:
                 raise UsageError(
@@ -192,20 +214,18 @@ class GnsMonitor:
         present = [g for g, grad in enumerate(now) if grad is not None]
         if not present:
             raise UsageError("micro_batch() found no gradient; call it after the micro-batch's loss.backward()")
-        with torch.no_grad():
-            after = [g for g in present if self._seen[g]]
-            first = [g for g in present if not self._seen[g]]
-            diffs = torch._foreach_sub([now[g] for g in after], [self._prev[g] for g in after]) if after else []
-            parts = list(diffs) + [now[g] for g in first]
-            sq = _sq_norms(parts, after + first, len(self._params), float64=False)  # (G,) ||d_j||^2
-            if after:
-                torch._foreach_copy_([self._prev[g] for g in after], [now[g] for g in after])
-            for g in first:
+        after = [g for g in present if self._seen[g]]
+        first = [g for g in present if not self._seen[g]]
+        diffs = torch._foreach_sub([now[g] for g in after], [self._prev[g] for g in after]) if after else []
+        sq = _sq_norms(list(diffs) + [now[g] for g in first], after + first, len(now), float64=False)
+        for g in present:  # the buffers persist across steps: a copy, once allocated
+            prev = self._prev[g]
+            if prev is None or prev.shape != now[g].shape or prev.dtype != now[g].dtype:
                 self._prev[g] = now[g].detach().clone()
-                self._seen[g] = True
-        self._parts.append(sq)
-        self._sizes.append(n)
-        self._scales.append(scale)
+            else:
+                prev.copy_(now[g])
+            self._seen[g] = True
+        return sq
 
     def update(self) -> None:
         """End the step: fold the estimate from its micro-batches into the monitor. Call it after the
@@ -224,7 +244,8 @@ class GnsMonitor:
         with torch.no_grad():
             part_sq = torch.stack(self._parts)  # (k, G)
             # (G,) ||S||^2, S being .grad after the last micro-batch
-            total_sq = _sq_norms([self._prev[g] for g in seen], seen, len(self._params), float64=False)
+            groups = None if len(seen) == len(self._params) else seen
+            total_sq = _sq_norms([self._prev[g] for g in seen], groups, len(self._params), float64=False)
             g2, trace = accumulation_estimate(part_sq, total_sq, self._sizes, scales)
         self._parts, self._sizes, self._scales = [], [], []
         self._seen = [False] * len(self._params)
@@ -293,8 +314,8 @@ class GnsMonitor:
         return out
 
 
-def _sq_norms(tensors: list[torch.Tensor], groups: list[int], size: int, *, float64: bool) -> torch.Tensor:
-    """(size,) float64 with ||tensors[i]||^2 at groups[i] and 0 elsewhere.
+def _sq_norms(tensors: list[torch.Tensor], groups: list[int] | None, size: int, *, float64: bool) -> torch.Tensor:
+    """(size,) float64 with ||tensors[i]||^2 at groups[i] and 0 elsewhere (groups None: all, in order).
 
     float64=False takes the norms in float32 (a third of the time on CPU) and squares them in float64: ~1e-7
     relative, of which the micro-batch estimate's differences lose about log10(B_noise / B) digits, far less
@@ -303,6 +324,8 @@ def _sq_norms(tensors: list[torch.Tensor], groups: list[int], size: int, *, floa
     # float16's norms overflow from 256 on; mixed dtypes would not stack
     dtype = torch.float64 if float64 else None if dtypes in ({torch.float32}, {torch.float64}) else torch.float32
     stacked = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    if groups is None:
+        return stacked.double().square_()
     out = torch.zeros(size, dtype=torch.float64, device=stacked.device)
     return out.index_copy_(0, torch.tensor(groups, device=out.device), stacked.double().square_())
 
