@@ -7,7 +7,8 @@ Two estimators, chosen by how the monitor is made (docs/monitor.md has the examp
   one forward and one backward that yield the sum of the per-example gradients and the per-example
   squared norms, per parameter tensor. The sum divided by the batch size goes into `.grad`, as a plain
   backward would leave it, so the optimizer step is unchanged. tr(Sigma) and |G|^2 are the unbiased
-  per-example estimates of gns_sweep.stats over the batch.
+  per-example estimates of gns_sweep.stats over the batch. `every=m` measures one call in m, and makes
+  the others a plain forward and backward, for 1/m of the cost.
 - **micro-batch** (`GnsMonitor(model)`): the loop does its own backward for each of k >= 2 micro-batches
   of a step (gradient accumulation) and calls `micro_batch(n)` after each; `update()` ends the step. The
   gradient a micro-batch added to `.grad` is d_j = c_j m_j, with m_j the gradient of its mean loss and
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 from gns_sweep.errors import UsageError
-from gns_sweep.per_example.base import LossFn, couples, coupling_candidates
+from gns_sweep.per_example.base import LossFn, check_losses, couples, coupling_candidates
 from gns_sweep.per_example.fast import FastEngine
 from gns_sweep.per_example.layout import ParamLayout, param_layout
 from gns_sweep.results import TOTAL
@@ -97,13 +98,17 @@ class GnsMonitor:
     Make it after the model is built, with `loss` (per-example losses, shape (N,)) for the per-example
     estimator, or without for the micro-batch one. Read it with `b_simple()`, `read()` or `read_all()`."""
 
-    def __init__(self, model: nn.Module, loss: LossFn | None = None, *, beta: float = DEFAULT_BETA) -> None:
+    def __init__(
+        self, model: nn.Module, loss: LossFn | None = None, *, beta: float = DEFAULT_BETA, every: int = 1
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"GnsMonitor needs the torch model (an nn.Module), got {type(model).__name__}")
         if loss is not None and not callable(loss):
             raise UsageError(f"loss must be a function (outputs, targets) -> per-example losses (N,), got {loss!r}")
         if not (isinstance(beta, int | float) and 0 <= beta < 1):
             raise UsageError(f"beta must be in [0, 1) (0: no smoothing; 0.95: about 20 updates), got {beta!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise UsageError(f"every must be a positive integer (measure one forward_backward in every), got {every!r}")
         try:
             self.layout: ParamLayout = param_layout(model)
         except ValueError:
@@ -111,6 +116,8 @@ class GnsMonitor:
         self.model = model
         self.estimator = PER_EXAMPLE if loss is not None else MICRO_BATCH
         self.beta = float(beta)
+        self.every = every  # forward_backward measures its 1st, (every+1)th, ... call; the others are plain
+        self._calls = 0
         self._loss = loss
         named = dict(model.named_parameters())
         self._params = [named[k] for k in self.layout.names]  # layout order
@@ -133,12 +140,21 @@ class GnsMonitor:
 
         Adds weight * (the batch's mean gradient) to each parameter's `.grad`, as `(loss * weight).backward()`
         would, and folds this batch's |G|^2 and tr(Sigma) into the monitor. Returns the mean loss (0-d,
-        detached)."""
+        detached). With `every` = m > 1, only one call in m measures; the others are a plain forward and
+        backward, and cost no more than one."""
         if self._engine is None:
             raise UsageError(
                 "forward_backward needs the per-example loss: make the monitor with GnsMonitor(model, loss=fn), "
                 "fn(outputs, targets) -> (N,); without it, call micro_batch(n) after each backward and update()"
             )
+        self._calls += 1
+        if (self._calls - 1) % self.every:
+            with torch.enable_grad():
+                losses = self._loss(self.model(inputs), targets)
+                check_losses(losses, inputs.shape[0])
+                loss = losses.mean()
+                (loss * weight).backward()
+            return loss.detach()
         n = int(inputs.shape[0]) if inputs.dim() else 0
         if n < 2:
             raise UsageError(f"forward_backward got a batch of {n} example(s); a variance needs at least 2 examples")

@@ -87,6 +87,31 @@ def test_grad_after_forward_backward_is_a_plain_backward():
     assert monitor.updates == 2
 
 
+def test_every_measures_one_call_in_m_and_leaves_the_same_grad():
+    """every=3: calls 1 and 4 measure (the reading is the batch's statistics), calls 2, 3 and 5 are plain
+    backwards; .grad is the batch's mean gradient after each."""
+    model = norm_model()
+    monitor = GnsMonitor(model, loss=half_sq, every=3, beta=0.0)
+    layout = param_layout(model)
+    for call in range(1, 6):
+        x, y = regression_batch(24, seed=call)
+        model.zero_grad(set_to_none=True)
+        half_sq(model(x), y).mean().backward()
+        plain = grads(model)
+        model.zero_grad(set_to_none=True)
+        loss = monitor.forward_backward(x, y)
+        assert loss.item() == pytest.approx(half_sq(model(x), y).mean().item(), rel=1e-6)
+        for a, b in zip(grads(model), plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert monitor.updates == (1 if call < 4 else 2)
+        if call in (1, 4):
+            ref = batch_moments(LoopEngine(), model, x, y, half_sq, layout, param_moments=False).moments
+            want = stats.estimate_scope(ref, layout.scopes["total"])
+            assert monitor.read(smoothed=False).trace_sigma == pytest.approx(want.trace_sigma, rel=1e-5)
+    with pytest.raises(UsageError, match="every must be a positive integer"):
+        GnsMonitor(model, loss=half_sq, every=0)
+
+
 def test_a_step_with_the_monitor_matches_a_plain_step():
     """Training for a few SGD steps through forward_backward follows the plain loop's weights."""
     plain_model, monitored = norm_model(), norm_model()
