@@ -22,6 +22,11 @@ def empirical(
     target_loss: o.TargetLoss = o.E.target_loss,
     cpus_per_trial: o.CpusPerTrial = o.E.cpus_per_trial,
     gpus_per_trial: o.GpusPerTrial = o.E.gpus_per_trial,
+    optimizer: o.Optimizer = None,
+    momentum: o.Momentum = None,
+    betas: o.Betas = None,
+    weight_decay: o.WeightDecay = None,
+    trust_coefficient: o.TrustCoefficient = None,
     out_dir: o.OutDir = None,
     resume: o.Resume = False,
     overwrite: o.Overwrite = False,
@@ -31,8 +36,9 @@ def empirical(
     as_json: o.AsJson = False,
 ) -> None:
     """Measure steps-to-target over batch sizes x learning rates x seeds (the input of `compare`)."""
-    config = o.empirical_config(locals())
+    values = locals()
     loaded = load_task(task)
+    config = o.empirical_config(values, loaded)
     folder = results_dir(out_dir, "empirical", loaded.name)
     job = prepare_empirical(config, task=loaded, out=folder, resume=resume, overwrite=overwrite)
     if not as_json:
@@ -51,10 +57,16 @@ def show(r: EmpiricalResult, as_json: bool) -> None:
 
 def describe_plan(p: Plan) -> None:
     out.print(
-        f"[bold]{p.task}[/]: {len(p.trials)} trials = {len(p.batch_sizes)} batch sizes x "
+        f"[bold]{p.task}[/] with {p.optimizer.describe()}: {len(p.trials)} trials = {len(p.batch_sizes)} batch sizes x "
         f"{len(p.lrs[0]) if len(set(map(len, p.lrs))) == 1 else 'several'} lrs x {len(p.seeds)} seeds; "
         f"target eval loss {p.target_loss:g} ({p.target_reason}); "
         f"budget {p.budget_examples} examples per trial"
+        + (
+            f"; lr grid centred on {p.reference_lr:.3g} at the task's batch size b ({p.lr_reason}), "
+            f"times {'sqrt(B/b)' if p.optimizer.lr_scaling == 'sqrt' else 'B/b'} at batch size B"
+            if p.reference_lr is not None
+            else ""
+        )
         + (f"; centre lr capped at {p.lr_cap:.3g} (half the largest stable lr)" if p.lr_cap else "")
     )
 
@@ -69,6 +81,10 @@ def summary(r: EmpiricalResult) -> dict:
         "target_reason": r.plan.target_reason,
         "budget_examples": r.plan.budget_examples,
         "lr_cap": r.plan.lr_cap,
+        "optimizer": r.plan.optimizer.key(),
+        "lr_scaling": r.plan.optimizer.lr_scaling,
+        "reference_lr": r.plan.reference_lr,
+        "lr_reason": r.plan.lr_reason,
         "trials": len(r.records),
         "resumed": r.resumed,
         "wall_seconds": r.wall_seconds,

@@ -15,12 +15,14 @@ import typer
 
 from gns_sweep.empirical import EmpiricalConfig
 from gns_sweep.errors import UsageError
+from gns_sweep.optim import OPTIMIZERS, OptimizerSpec, choose, parse_betas
 from gns_sweep.predict import DEFAULT_PROBE, PredictConfig
-from gns_sweep.tasks import DEFAULT_TASK
+from gns_sweep.tasks import DEFAULT_TASK, Task
 
 C = TypeVar("C")
 P = PredictConfig(task=DEFAULT_TASK)  # the defaults, read as attributes below
 E = EmpiricalConfig(task=DEFAULT_TASK)
+S = OptimizerSpec()
 
 # --- shared by every command that runs work --------------------------------------------------------
 TaskName = Annotated[str, typer.Option("--task", help="Built-in task (see `gns-sweep tasks`) or package.module:attr.")]
@@ -42,6 +44,36 @@ MaxRetries = Annotated[
     typer.Option(
         "--max-retries",
         help="Re-runs of a Ray task whose worker process or node dies (an error in the task's own code is not re-run).",
+    ),
+]
+
+# --- the optimizer (predict's reference run and the sweep's trials) ---------------------------------
+# Not given (None): the task's default optimizer and settings; a setting given changes only that one.
+Optimizer = Annotated[
+    str | None,
+    typer.Option(
+        "--optimizer",
+        help=f"Optimizer: {', '.join(OPTIMIZERS)} (default: the task's, else sgd); see docs/optimizers.md.",
+    ),
+]
+Momentum = Annotated[
+    float | None,
+    typer.Option("--momentum", help=f"Heavy-ball coefficient of momentum and lars (default {S.momentum:g})."),
+]
+Betas = Annotated[
+    str | None,
+    typer.Option("--betas", help=f"beta1,beta2 of adam and adamw (default {S.betas[0]:g},{S.betas[1]:g})."),
+]
+WeightDecay = Annotated[
+    float | None,
+    typer.Option(
+        "--weight-decay", help=f"Weight decay: L2 in the gradient, decoupled for adamw (default {S.weight_decay:g})."
+    ),
+]
+TrustCoefficient = Annotated[
+    float | None,
+    typer.Option(
+        "--trust-coefficient", help=f"LARS trust coefficient: layer-wise lr = trust ||w||/||g|| (default {S.trust:g})."
     ),
 ]
 
@@ -119,11 +151,29 @@ def from_options(cls: type[C], values: dict[str, Any]) -> C:
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def empirical_config(values: dict[str, Any]) -> EmpiricalConfig:
-    """EmpiricalConfig from option values, with --batch-sizes and --lrs parsed."""
+def empirical_config(values: dict[str, Any], task: Task) -> EmpiricalConfig:
+    """EmpiricalConfig from option values, with --batch-sizes, --lrs and the optimizer's options parsed."""
     lrs, multipliers = parse_lrs(values.get("lrs"))
     parsed = {**values, "batch_sizes": parse_batch_sizes(values.get("batch_sizes")), "lrs": lrs}
+    parsed["optimizer"] = optimizer_spec(values, task)
     return from_options(EmpiricalConfig, {**parsed, "lr_multipliers": multipliers})
+
+
+def predict_config(values: dict[str, Any], task: Task) -> PredictConfig:
+    """PredictConfig from option values, with the optimizer's options parsed."""
+    return from_options(PredictConfig, {**values, "optimizer": optimizer_spec(values, task)})
+
+
+def optimizer_spec(values: dict[str, Any], task: Task) -> OptimizerSpec | None:
+    """The optimizer the options ask for, from the task's default; None when none of them is given."""
+    return choose(
+        task.optimizer,
+        name=values.get("optimizer"),
+        momentum=values.get("momentum"),
+        betas=parse_betas(values.get("betas")),
+        weight_decay=values.get("weight_decay"),
+        trust=values.get("trust_coefficient"),
+    )
 
 
 def parse_batch_sizes(text: str | None) -> tuple[int, ...] | None:

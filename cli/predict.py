@@ -9,7 +9,7 @@ from gns_sweep_cli import options as o
 from gns_sweep_cli.common import Bars, cluster, fmt, handle_errors, json_ready, out, results_dir
 from rich.table import Table
 
-from gns_sweep.predict import PredictConfig, PredictResult, noise_table, prepare_predict, run_predict, settings
+from gns_sweep.predict import PredictResult, noise_table, prepare_predict, run_predict, settings
 from gns_sweep.predict.config import PER_EXAMPLE
 from gns_sweep.results import TOTAL, ScopeRow
 from gns_sweep.tasks import load_task
@@ -31,6 +31,11 @@ def predict(
     max_batch: o.MaxBatch = o.P.max_batch,
     cpus_per_shard: o.CpusPerShard = o.P.cpus_per_shard,
     gpus_per_shard: o.GpusPerShard = o.P.gpus_per_shard,
+    optimizer: o.Optimizer = None,
+    momentum: o.Momentum = None,
+    betas: o.Betas = None,
+    weight_decay: o.WeightDecay = None,
+    trust_coefficient: o.TrustCoefficient = None,
     out_dir: o.OutDir = None,
     overwrite: o.Overwrite = False,
     address: o.Address = None,
@@ -39,8 +44,9 @@ def predict(
     as_json: o.AsJson = False,
 ) -> None:
     """Predict the critical batch size: B_simple = tr(Sigma)/|G|^2 from per-example gradients."""
-    config = o.from_options(PredictConfig, locals())
+    values = locals()
     loaded = load_task(task)
+    config = o.predict_config(values, loaded)
     job = prepare_predict(config, task=loaded, out=results_dir(out_dir, "predict", loaded.name), overwrite=overwrite)
     with cluster(address, num_cpus) as c, Bars(enabled=not as_json) as bars:
         result = run_predict(job, c, progress=bars)
@@ -106,8 +112,10 @@ def describe_reference(r: PredictResult) -> str:
         reached = "no target: traced to the end of the budget"
     c = r.config
     how = "per-example gradients" if c.estimator == PER_EXAMPLE else f"micro-batches of {c.micro_batch} examples"
+    why = "" if ref.lr_reason.startswith("the task's lr for") else f" ({ref.lr_reason})"
     return (
-        f"[bold]{r.task}[/]: reference run at batch {ref.batch_size}, lr {ref.lr:g}; {reached}; "
+        f"[bold]{r.task}[/]: reference run with {ref.optimizer.describe()} at batch {ref.batch_size}, "
+        f"lr {ref.lr:g}{why}; {reached}; "
         f"{len(ref.checkpoint_steps)} checkpoints from step {ref.checkpoint_steps[0]} to {ref.checkpoint_steps[-1]}, "
         f"each on {c.probe_size} fresh examples ({how})"
     )
@@ -136,7 +144,7 @@ def render_layers(r: PredictResult) -> None:
     flags = {f.scope: f.verdict for f in r.layer_flags}
     t = Table(
         title=f"per layer at checkpoint {last} (step {r.reference.checkpoint_steps[-1]}); "
-        "update = ||lr grad|| / ||w|| of the step that led there"
+        "update = ||step|| / ||w|| of the step that led there"
     )
     for col in ("scope", "params", "|G|^2", "tr(Sigma)", "B_simple", "95% CI", "SNR", "update", "verdict"):
         t.add_column(col, justify="right" if col not in ("scope", "verdict") else "left")

@@ -13,7 +13,7 @@ from gns_sweep_cli.common import Bars, cluster, err, handle_errors, out, results
 from gns_sweep.compare import Comparison, run_compare
 from gns_sweep.empirical import EmpiricalResult, prepare_empirical, run_empirical
 from gns_sweep.errors import UsageError
-from gns_sweep.predict import PredictConfig, PredictResult, prepare_predict, run_predict
+from gns_sweep.predict import PredictResult, prepare_predict, run_predict
 from gns_sweep.storage import SweepDir
 from gns_sweep.tasks import load_task
 
@@ -41,6 +41,11 @@ def run(
     max_batch: o.MaxBatch = o.P.max_batch,
     cpus_per_shard: o.CpusPerShard = o.P.cpus_per_shard,
     gpus_per_shard: o.GpusPerShard = o.P.gpus_per_shard,
+    optimizer: o.Optimizer = None,
+    momentum: o.Momentum = None,
+    betas: o.Betas = None,
+    weight_decay: o.WeightDecay = None,
+    trust_coefficient: o.TrustCoefficient = None,
     targets: o.Targets = None,
     out_dir: o.OutDir = None,
     resume: o.Resume = False,
@@ -63,8 +68,8 @@ def run(
     loaded = load_task(task)
     folder = results_dir(out_dir, "run", loaded.name)
     keep = dict(task=loaded, out=folder, resume=resume, overwrite=overwrite)
-    pjob = prepare_predict(o.from_options(PredictConfig, values), **keep)
-    ejob = prepare_empirical(o.empirical_config(values), **keep)
+    pjob = prepare_predict(o.predict_config(values, loaded), **keep)
+    ejob = prepare_empirical(o.empirical_config(values, loaded), **keep)
     if pjob.note:
         err.print(f"predict: {pjob.note}; computing it again")
     if not as_json:

@@ -119,7 +119,7 @@ def _plain(value):
 
 
 def _show(value) -> str:
-    return _pair(value) if isinstance(value, tuple) else f"{value:g}"
+    return _pair(value) if isinstance(value, tuple | list) else f"{value:g}"
 
 
 def _users(setting: str) -> str:

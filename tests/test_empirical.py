@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from gns_sweep_cli.main import app
 from typer.testing import CliRunner
 
-from gns_sweep.storage import SweepDir, read_rows
+from gns_sweep.storage import SweepDir, read_rows, read_settings
 
 runner = CliRunner()
 
@@ -103,6 +104,14 @@ def test_resume_after_sigkill_completes_without_duplicates(ray_address, tmp_path
         (["--task", "example_tasks:frozen", "--batch-sizes", "8,16"], "has no trainable parameters"),
         (["--task", "example_tasks:nan_inputs"], "train_inputs holds NaN or infinite values in 1 example(s)"),
         (["--max-retries=-1"], "--max-retries -1"),
+        (["--optimizer", "rmsprop"], "unknown --optimizer 'rmsprop'; choose one of: sgd, momentum, adam, adamw, lars"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "--momentum does not apply to optimizer 'adam'; drop"),
+        (["--betas", "0.9,0.99"], "--betas does not apply to optimizer 'sgd'"),
+        (["--optimizer", "adamw", "--betas", "0.9"], "--betas '0.9': give two numbers"),
+        (["--optimizer", "adam", "--betas", "0.9,1.5"], "beta2 1.5 must be >= 0 and < 1"),
+        (["--optimizer", "momentum", "--momentum", "1"], "momentum 1 must be >= 0 and < 1"),
+        (["--optimizer", "lars", "--trust-coefficient", "0"], "trust coefficient 0 must be > 0"),
+        (["--weight-decay=-0.1"], "weight decay -0.1 must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
@@ -171,6 +180,54 @@ def test_resume_refuses_a_different_plan(ray_address, tmp_path):
     other = invoke(*base, "--budget-examples", "1280", "--out", str(out), "--address", ray_address, "--resume")
     assert other.exit_code == 2 and "budget_examples" in other.output
     assert Path(out / "trials.parquet").exists()
+    again = [*base, "--budget-examples", "640", "--out", str(out), "--address", ray_address, "--resume"]
+    momentum = invoke(*again, "--optimizer", "momentum")
+    assert momentum.exit_code == 2 and "planned with different optimizer, optimizer_settings" in momentum.output
+    decay = invoke(*again, "--weight-decay", "0.01")
+    assert decay.exit_code == 2 and "planned with different optimizer_settings;" in decay.output
+    # a sweep planned before the optimizer was recorded was plain SGD: it resumes
+    plan = pq.read_table(out / "plan.parquet")
+    old = {k: v for k, v in read_settings(out / "plan.parquet").items() if not k.startswith("optimizer")}
+    plan = plan.replace_schema_metadata({b"gns_sweep.settings": json.dumps(old).encode()})
+    pq.write_table(plan, out / "plan.parquet")
+    resumed = invoke(*again)
+    assert resumed.exit_code == 0 and "1 already on disk" in resumed.output, resumed.output
+
+
+def test_an_adam_sweep_records_its_optimizer_and_scales_its_lrs_with_the_square_root(ray_address, tmp_path):
+    out = tmp_path / "adam"
+    args = [
+        "empirical", "--task", "blobs-noisy", "--batch-sizes", "8,32", "--lrs", "x1", "--seeds", "1",
+        "--budget-examples", "320", "--target-loss", "0", "--optimizer", "adam", "--betas", "0.8,0.99",
+        "--out", str(out), "--address", ray_address,
+    ]  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "with adam (betas 0.8,0.99, eps 1e-08, weight_decay 0)" in result.output
+    settings = read_settings(out / "plan.parquet")
+    assert settings["optimizer"] == "adam" and settings["lr_scaling"] == "sqrt"
+    assert settings["optimizer_settings"] == {"name": "adam", "betas": [0.8, 0.99], "eps": 1e-8, "weight_decay": 0.0}
+    ref, cap = settings["reference_lr"], settings["lr_cap"]
+    assert settings["lrs"] == [[float(f"{min(ref, cap):.6g}")], [float(f"{min(2 * ref, cap):.6g}")]]  # sqrt(32/8) = 2
+    assert 1e-3 < ref < 0.1  # Adam's scale, matched to the task's SGD lr 0.125
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert (trials.optimizer == "adam").all() and trials.optimizer_settings.map(json.loads).eq(
+        settings["optimizer_settings"]
+    ).all()
+    assert (trials.update_ratio_max > 0).all() and (trials.steps == [40, 10]).all()
+
+
+def test_the_lr_grid_scales_linearly_or_with_the_square_root_and_keeps_the_cap():
+    from gns_sweep.empirical import EmpiricalConfig, lr_grid
+    from gns_sweep.optim import OptimizerSpec
+    from gns_sweep.tasks import load_task
+
+    task = load_task("blobs-noisy")  # lr 0.125 at batch 8
+    config = EmpiricalConfig(task="blobs-noisy", lr_multipliers=(0.5, 1.0))
+    assert lr_grid(task, 32, config, None) == (0.25, 0.5)  # plain SGD: x 32/8
+    assert lr_grid(task, 32, config, None, optimizer=OptimizerSpec("lars"), base_lr=2.0) == (4.0, 8.0)
+    assert lr_grid(task, 32, config, None, optimizer=OptimizerSpec("adamw"), base_lr=0.01) == (0.01, 0.02)
+    assert lr_grid(task, 128, config, 0.03, optimizer=OptimizerSpec("adam"), base_lr=0.01) == (0.015, 0.03)
 
 
 def test_a_pilot_target_needs_tens_of_steps_at_the_largest_batch(monkeypatch):

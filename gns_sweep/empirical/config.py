@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gns_sweep import __version__
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.runtime import DEFAULT_MAX_RETRIES
 
 
@@ -22,6 +23,7 @@ class EmpiricalConfig:
     cpus_per_trial: float = 1.0  # Ray CPUs per trial (and its torch threads)
     gpus_per_trial: float = 0.0  # Ray GPUs per trial (> 0: the trial trains on cuda)
     max_retries: int = DEFAULT_MAX_RETRIES  # re-runs of a trial whose worker process or node dies (not recorded)
+    optimizer: OptimizerSpec | None = None  # every trial's; None: the task's (plain SGD if it names none)
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,16 @@ class Plan:
     target_reason: str  # why this target, for the user
     lr_cap: float | None  # centre lrs were capped here (half the largest stable lr); None: explicit lrs
     trials: tuple[TrialSpec, ...] = field(repr=False)
+    optimizer: OptimizerSpec = OptimizerSpec()  # what every trial trains with
+    reference_lr: float | None = None  # the grid's centre at the task's batch size, before the cap (None: --lrs)
+    lr_reason: str = ""  # where reference_lr comes from (gns_sweep.train.reference_lr)
 
     def key(self) -> dict:
         """What must match for --resume to continue a sweep."""
         return {
             "task": self.task,
+            "optimizer": self.optimizer.name,
+            "optimizer_settings": self.optimizer.key(),
             "batch_sizes": list(self.batch_sizes),
             "lrs": [list(g) for g in self.lrs],
             "seeds": list(self.seeds),
@@ -73,6 +80,8 @@ def settings(config: EmpiricalConfig, plan: Plan) -> dict:
         **plan.key(),
         "target_source": plan.target_source,
         "lr_cap": plan.lr_cap,
+        "lr_scaling": plan.optimizer.lr_scaling,
+        "reference_lr": plan.reference_lr,
         "cpus_per_trial": config.cpus_per_trial,
         "gpus_per_trial": config.gpus_per_trial,
     }

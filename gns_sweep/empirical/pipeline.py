@@ -27,6 +27,7 @@ from gns_sweep.empirical.planning import make_plan
 from gns_sweep.empirical.trial import failed_record, run_trial_file
 from gns_sweep.empirical.validate import validate
 from gns_sweep.errors import GnsError, RunError, UsageError
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.progress import ProgressEvent, ProgressFn, no_progress
 from gns_sweep.runtime import Cluster, Resources, WorkerInfo
 from gns_sweep.storage import PLAN_SCHEMA, TRIALS_SCHEMA, SweepDir, read_settings, settings_diff, write_table
@@ -114,6 +115,8 @@ def _done(out: SweepDir, plan: Plan, *, resume: bool, overwrite: bool) -> set[st
             "finish it, --overwrite to replace it, or choose another --out"
         )
     old = (read_settings(out.plan) or {}) if out.plan.exists() else {}
+    if old and "optimizer" not in old:  # planned before the optimizer was recorded: plain SGD
+        old = {**old, "optimizer": OptimizerSpec().name, "optimizer_settings": OptimizerSpec().key()}
     changed = [k for k in settings_diff(old, plan.key()) if k in plan.key()]
     if changed:
         raise UsageError(
@@ -136,6 +139,7 @@ def run_empirical(job: EmpiricalJob, cluster: Cluster, *, progress: ProgressFn =
         target_loss=job.plan.target_loss,
         budget_examples=job.plan.budget_examples,
         metadata=sink.metadata,
+        optimizer=job.plan.optimizer,
     )
     failed: list[tuple[int, str, str]] = []  # (position in todo, trial id, error)
 
@@ -150,6 +154,7 @@ def run_empirical(job: EmpiricalJob, cluster: Cluster, *, progress: ProgressFn =
             budget_examples=job.plan.budget_examples,
             error=str(error),
             worker=worker,
+            optimizer=job.plan.optimizer,
         )
         failed.append((i, record.trial_id, str(error)))
         sink.add(asdict(record))

@@ -1,4 +1,5 @@
-"""The sweep's plan: batch sizes, an lr grid per batch size (capped by a stability probe), a target."""
+"""The sweep's plan: the optimizer, batch sizes, an lr grid per batch size (capped by a stability probe), a
+target."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import math
 from dataclasses import dataclass
 
 from gns_sweep.empirical.config import EmpiricalConfig, Plan, TrialSpec, trial_id
+from gns_sweep.optim import SQRT, OptimizerSpec
 from gns_sweep.tasks import Task
-from gns_sweep.train import TrainConfig, train
+from gns_sweep.train import DIVERGED, TrainConfig, reference_lr, train
 
 LR_POINTS = 5  # default lr grid: this many points ...
 LR_FACTOR = 2.0  # ... a factor this apart
@@ -26,16 +28,25 @@ class Target:
     reason: str  # one line for the user
 
 
-def stable_lr(task: Task, batch_size: int, *, start: float, steps: int = STABILITY_STEPS) -> float:
-    """Largest lr on a factor-2 ladder from `start` whose short run at batch_size ends below its initial loss.
+def stable_lr(
+    task: Task,
+    batch_size: int,
+    *,
+    start: float,
+    optimizer: OptimizerSpec = OptimizerSpec(),
+    steps: int = STABILITY_STEPS,
+) -> float:
+    """Largest lr on a factor-2 ladder from `start` whose short run at batch_size, with this optimizer, ends
+    below its initial loss.
 
-    Linear lr scaling stops working past the curvature's stability limit; the
-    default grid is capped below this so large batch sizes are not all diverged.
+    Scaling the lr with the batch size stops working past the curvature's stability limit;
+    the default grid is capped below this so large batch sizes are not all diverged.
     """
 
     def stable(lr: float) -> bool:
-        r = train(task, TrainConfig(batch_size, lr, steps * batch_size, None, seed=0), stop_after=steps)
-        return r.status != "diverged" and r.final_eval_loss < r.initial_eval_loss
+        cfg = TrainConfig(batch_size, lr, steps * batch_size, None, seed=0, optimizer=optimizer)
+        r = train(task, cfg, stop_after=steps)
+        return r.status != DIVERGED and r.final_eval_loss < r.initial_eval_loss
 
     lr = start
     if stable(lr):
@@ -49,18 +60,43 @@ def stable_lr(task: Task, batch_size: int, *, start: float, steps: int = STABILI
     return lr
 
 
-def lr_grid(task: Task, batch_size: int, config: EmpiricalConfig, cap: float | None) -> tuple[float, ...]:
-    """The task's lr scaled linearly with batch size (capped), times factor-2 multipliers."""
+def lr_grid(
+    task: Task,
+    batch_size: int,
+    config: EmpiricalConfig,
+    cap: float | None,
+    *,
+    optimizer: OptimizerSpec = OptimizerSpec(),
+    base_lr: float | None = None,
+) -> tuple[float, ...]:
+    """The lr at the task's batch size (base_lr; None: the task's) scaled with the batch size as the optimizer's
+    rule says, linearly or with the square root (capped), times factor-2 multipliers."""
     if config.lrs is not None:
         return tuple(sorted(set(config.lrs)))
-    centre = task.lr * batch_size / task.batch_size
+    centre = centre_lr(task.lr if base_lr is None else base_lr, batch_size, task.batch_size, optimizer)
     if cap is not None:
         centre = min(centre, cap)
     mults = config.lr_multipliers or tuple(LR_FACTOR**k for k in range(-(LR_POINTS // 2), LR_POINTS - LR_POINTS // 2))
     return tuple(sorted({float(f"{centre * m:.6g}") for m in mults}))
 
 
-def pilot_target(task: Task, sizes: tuple[int, ...], grids: tuple[tuple[float, ...], ...], budget: int) -> Target:
+def centre_lr(base: float, batch_size: int, reference: int, optimizer: OptimizerSpec) -> float:
+    """The lr at batch_size, from `base` at batch size `reference`, by the optimizer's rule: linear in the
+    batch size (SGD, momentum, LARS) or in its square root (Adam, AdamW: their step is normalized by the
+    gradient's scale, and the noise of a mean over B examples falls as 1/sqrt(B); docs/optimizers.md)."""
+    if optimizer.lr_scaling == SQRT:
+        return base * math.sqrt(batch_size / reference)
+    return base * batch_size / reference
+
+
+def pilot_target(
+    task: Task,
+    sizes: tuple[int, ...],
+    grids: tuple[tuple[float, ...], ...],
+    budget: int,
+    *,
+    optimizer: OptimizerSpec = OptimizerSpec(),
+) -> Target:
     """A target most batch sizes reach within the budget, yet the largest batch needs tens of steps for.
 
     A pilot at the middle batch size sets the easy end: PILOT_FRACTION of the way from the initial
@@ -68,10 +104,11 @@ def pilot_target(task: Task, sizes: tuple[int, ...], grids: tuple[tuple[float, .
     PILOT_MIN_STEPS steps; where it is, the target is tightened to what the large batch has not
     reached by then, so the measured frontier has a large-batch end (S_min of tens of steps)."""
     mid_lrs, big_lrs = grids[len(sizes) // 2], grids[-1]
-    mid = train(task, TrainConfig(sizes[len(sizes) // 2], mid_lrs[len(mid_lrs) // 2], budget, None, seed=0))
+    mid_size = sizes[len(sizes) // 2]
+    mid = train(task, TrainConfig(mid_size, mid_lrs[len(mid_lrs) // 2], budget, None, seed=0, optimizer=optimizer))
     first, best = mid.initial_eval_loss, min(x for x in mid.curve_losses if math.isfinite(x))
     easy = first - PILOT_FRACTION * (first - best)
-    big = train(task, TrainConfig(sizes[-1], big_lrs[len(big_lrs) // 2], budget, None, seed=0))
+    big = train(task, TrainConfig(sizes[-1], big_lrs[len(big_lrs) // 2], budget, None, seed=0, optimizer=optimizer))
     early = [x for s, x in zip(big.curve_steps, big.curve_losses, strict=True) if s <= PILOT_MIN_STEPS]
     reached_early = min((x for x in early if math.isfinite(x)), default=math.inf)
     what = (
@@ -101,20 +138,24 @@ def _round(x: float) -> float:
 
 
 def make_plan(config: EmpiricalConfig, task: Task) -> Plan:
-    """Resolve defaults (a stability probe for the lr cap, a pilot for a missing target)."""
+    """Resolve defaults (the task's optimizer, its lr at the task's batch size, a stability probe for the lr
+    cap, a pilot for a missing target)."""
+    optimizer = config.optimizer or task.optimizer or OptimizerSpec()
     sizes = tuple(sorted(set(task.batch_sizes if config.batch_sizes is None else config.batch_sizes)))
     budget = task.budget_examples if config.budget_examples is None else config.budget_examples
-    cap = None
+    cap, base, lr_reason = None, None, "given with --lrs"
     if config.lrs is None:
+        ref = reference_lr(task, optimizer)
+        base, lr_reason = ref.lr, ref.reason
         # Half the largest stable lr: the grid then reaches one step past it.
-        cap = stable_lr(task, max(sizes), start=task.lr) / 2
-    grids = tuple(lr_grid(task, b, config, cap) for b in sizes)
+        cap = stable_lr(task, max(sizes), start=base, optimizer=optimizer) / 2
+    grids = tuple(lr_grid(task, b, config, cap, optimizer=optimizer, base_lr=base) for b in sizes)
     if config.target_loss is not None:
         target, source, reason = float(config.target_loss), "--target-loss", "given with --target-loss"
     elif task.target_loss is not None:
         target, source, reason = float(task.target_loss), "task", "the task's default"
     else:
-        chosen = pilot_target(task, sizes, grids, budget)
+        chosen = pilot_target(task, sizes, grids, budget, optimizer=optimizer)
         target, source, reason = chosen.loss, chosen.source, chosen.reason
     seeds = tuple(range(config.seeds))
     trials = tuple(
@@ -123,4 +164,18 @@ def make_plan(config: EmpiricalConfig, task: Task) -> Plan:
         for lr in grid
         for s in seeds
     )
-    return Plan(task.name, sizes, grids, seeds, budget, target, source, reason, cap, trials)
+    return Plan(
+        task.name,
+        sizes,
+        grids,
+        seeds,
+        budget,
+        target,
+        source,
+        reason,
+        cap,
+        trials,
+        optimizer=optimizer,
+        reference_lr=base,
+        lr_reason=lr_reason,
+    )

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from gns_sweep.empirical.config import TrialSpec
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.runtime import WorkerInfo
 from gns_sweep.storage.sweep_dir import encode_trial, light_row
 from gns_sweep.tasks import Task
@@ -24,6 +25,8 @@ class TrialRecord:
     task: str
     batch_size: int
     lr: float
+    optimizer: str  # the optimizer's name
+    optimizer_settings: str  # JSON: the optimizer's name and the settings it reads (OptimizerSpec.key)
     seed: int
     status: str  # reached, budget, diverged or failed
     steps: int
@@ -39,18 +42,29 @@ class TrialRecord:
     node_id: str | None  # None: a failed trial that never reached a worker
     device: str | None
     update_ratio_max: float
-    update_ratios: str  # JSON {parameter: ||lr*grad||/||w||}
+    update_ratios: str  # JSON {parameter: ||update||/||w||} at the last step (update: lr*grad for plain SGD)
     curve_steps: tuple[int, ...]
     curve_losses: tuple[float, ...]
     error: str | None = None  # why a failed trial failed (one line); None otherwise
 
 
+def optimizer_columns(optimizer: OptimizerSpec) -> dict[str, str]:
+    """A trial row's optimizer and optimizer_settings."""
+    return {"optimizer": optimizer.name, "optimizer_settings": json.dumps(optimizer.key(), sort_keys=True)}
+
+
 def run_trial(
-    *, task: Task, trial: TrialSpec, target_loss: float, budget_examples: int, worker: WorkerInfo
+    *,
+    task: Task,
+    trial: TrialSpec,
+    target_loss: float,
+    budget_examples: int,
+    worker: WorkerInfo,
+    optimizer: OptimizerSpec = OptimizerSpec(),
 ) -> TrialRecord:
     """Runs on a worker: one training run, from the seed's initial weights."""
     wall, cpu = time.perf_counter(), time.process_time()
-    cfg = TrainConfig(trial.batch_size, trial.lr, budget_examples, target_loss, seed=trial.seed)
+    cfg = TrainConfig(trial.batch_size, trial.lr, budget_examples, target_loss, seed=trial.seed, optimizer=optimizer)
     r = train(task, cfg, device=worker.device)
     finite = [x for x in r.curve_losses if math.isfinite(x)]
     return TrialRecord(
@@ -58,6 +72,7 @@ def run_trial(
         task=task.name,
         batch_size=trial.batch_size,
         lr=trial.lr,
+        **optimizer_columns(optimizer),
         seed=trial.seed,
         status=r.status,
         steps=r.steps,
@@ -87,17 +102,32 @@ def run_trial_file(
     budget_examples: int,
     metadata: Mapping[bytes, bytes] | None,
     worker: WorkerInfo,
+    optimizer: OptimizerSpec = OptimizerSpec(),
 ) -> tuple[dict[str, Any], bytes | None]:
     """What the sweep runs on a worker per trial: `run_trial`, then its trials.parquet row (no curve) for
     the driver and, when the sweep is written (metadata: the trial files' settings), its whole file as
     bytes, encoded here so the driver only copies them to disk."""
-    record = run_trial(task=task, trial=trial, target_loss=target_loss, budget_examples=budget_examples, worker=worker)
+    record = run_trial(
+        task=task,
+        trial=trial,
+        target_loss=target_loss,
+        budget_examples=budget_examples,
+        worker=worker,
+        optimizer=optimizer,
+    )
     row = asdict(record)
     return light_row(row), None if metadata is None else encode_trial(row, metadata)
 
 
 def failed_record(
-    *, task: str, trial: TrialSpec, target_loss: float, budget_examples: int, error: str, worker: WorkerInfo | None
+    *,
+    task: str,
+    trial: TrialSpec,
+    target_loss: float,
+    budget_examples: int,
+    error: str,
+    worker: WorkerInfo | None,
+    optimizer: OptimizerSpec = OptimizerSpec(),
 ) -> TrialRecord:
     """A trial whose own code raised: its row says so, with the error and where it ran; nothing measured."""
     nan = math.nan
@@ -106,6 +136,7 @@ def failed_record(
         task=task,
         batch_size=trial.batch_size,
         lr=trial.lr,
+        **optimizer_columns(optimizer),
         seed=trial.seed,
         status=FAILED,
         steps=0,

@@ -6,12 +6,15 @@ import math
 
 from gns_sweep.empirical.config import EmpiricalConfig
 from gns_sweep.errors import UsageError
+from gns_sweep.optim import OptimizerSpec
 from gns_sweep.tasks import Task, check_trainable
 from gns_sweep.train import init_model
 
 
 def validate(config: EmpiricalConfig, task: Task) -> None:
     """Every check that needs no training, before any file is made."""
+    if config.optimizer is not None and not isinstance(config.optimizer, OptimizerSpec):
+        raise UsageError(f"optimizer must be a gns_sweep.optim.OptimizerSpec, got {type(config.optimizer).__name__}")
     sizes = task.batch_sizes if config.batch_sizes is None else config.batch_sizes
     if not sizes:
         raise UsageError("--batch-sizes is empty; give at least one, e.g. --batch-sizes 8,64,512")

@@ -59,11 +59,13 @@ TRIALS_SCHEMA = pa.schema(
     [
         ("trial_id", pa.string()),  # b<batch>-lr<lr>-s<seed>, the same in every run of this plan
         ("task", pa.string()),
-        ("batch_size", pa.int64()),  # examples per SGD step
-        ("lr", pa.float64()),  # constant SGD learning rate
+        ("batch_size", pa.int64()),  # examples per step
+        ("lr", pa.float64()),  # constant learning rate
+        ("optimizer", pa.string()),  # sgd, momentum, adam, adamw or lars (null in a file from before: sgd)
+        ("optimizer_settings", pa.string()),  # JSON: the name and the settings it reads, e.g. {"name": "sgd", ...}
         ("seed", pa.int64()),  # initial weights (shared by all batch sizes) and data order
         ("status", pa.string()),  # reached, budget, diverged, or failed (its own code raised)
-        ("steps", pa.int64()),  # SGD steps taken
+        ("steps", pa.int64()),  # optimizer steps taken
         ("steps_to_target", pa.int64()),  # first evaluated step with eval loss <= target; null if never
         ("examples_to_target", pa.int64()),  # steps_to_target * batch_size; null if never
         ("target_loss", pa.float64()),
@@ -75,11 +77,14 @@ TRIALS_SCHEMA = pa.schema(
         ("cpu_seconds", pa.float64()),  # CPU time of the worker process during the trial
         ("node_id", pa.string()),  # Ray node that ran it (null if a failed trial never started)
         ("device", pa.string()),  # cpu or cuda
-        ("update_ratio_max", pa.float64()),  # largest per-parameter ||lr*grad||/||w|| at the last step
+        ("update_ratio_max", pa.float64()),  # largest per-parameter ||update||/||w|| at the last step
         ("update_ratios", pa.string()),  # JSON {parameter name: ratio} at the last step
         ("error", pa.string()),  # a failed trial's error, one line; null otherwise
     ]
 )
+
+# trials.parquet's optimizer columns, also read from a file from before them (as nulls: plain SGD).
+TRIAL_OPTIMIZER_COLUMNS = frozenset({"optimizer", "optimizer_settings"})
 
 # predict.parquet's columns for the optimizer's geometry: a file from before them has SGD's rows.
 PREDICT_OPTIMIZER_COLUMNS = frozenset(
@@ -94,7 +99,7 @@ PREDICT_OPTIMIZER_COLUMNS = frozenset(
 )
 
 # Columns added after files were first written: a file without one reads as nulls there.
-LATER_COLUMNS = frozenset({"error", "node_ids"}) | PREDICT_OPTIMIZER_COLUMNS
+LATER_COLUMNS = frozenset({"error", "node_ids"}) | PREDICT_OPTIMIZER_COLUMNS | TRIAL_OPTIMIZER_COLUMNS
 
 # A trial's own file: its row plus its eval curve, so one atomic write holds both.
 TRIAL_FILE_SCHEMA = TRIALS_SCHEMA.append(pa.field("curve_steps", pa.list_(pa.int64()))).append(
