@@ -69,6 +69,7 @@ def summary(r: PredictResult) -> dict:
             "reference": asdict(r.reference),
             "headline": asdict(r.headline),
             "norm_headline": asdict(r.norm_headline) if r.norm_headline else None,
+            "precond_headline": asdict(r.precond_headline) if r.precond_headline else None,
             "noisiest_layer": r.noisiest_layer,
             "layers": [asdict(f) for f in r.layer_flags],
             "noise_table": [asdict(n) for n in noise_table(r.headline.b_simple)],
@@ -182,11 +183,20 @@ def render_headline(r: PredictResult) -> None:
             f"normalization layers alone: B_simple = {fmt(n.b_simple)} [{fmt(n.b_simple_lo)}, {fmt(n.b_simple_hi)}] "
             f"(ratio to the whole model {fmt(n.b_simple / h.b_simple if h.b_simple > 0 else float('nan'), 2)})"
         )
-    rows = noise_table(h.b_simple)
+    name, b = "B_simple", h.b_simple
+    if r.precond_headline is not None:  # an adaptive optimizer: its own geometry's noise scale is the prediction
+        p, opt = r.precond_headline, r.reference.optimizer.name
+        out.print(
+            f"[bold]B_simple^P = {fmt(p.b_simple)}[/] [{fmt(p.b_simple_lo)}, {fmt(p.b_simple_hi)}] in {opt}'s "
+            f"geometry (tr(P Sigma) and G'PG over the {p.checkpoints} checkpoints with a preconditioner): the "
+            f"prediction for a sweep with {opt}"
+        )
+        name, b = "B_simple^P", p.b_simple
+    rows = noise_table(b)
     if not rows:
-        out.print("B_simple is unresolved at this probe size: raise --probe-size, or measure later in training.")
+        out.print(f"{name} is unresolved at this probe size: raise --probe-size, or measure later in training.")
         return
-    t = Table(title="predicted cost per batch size B: noise = B_simple/B, S(B)/S_min, E(B)/E_min")
+    t = Table(title=f"predicted cost per batch size B: noise = {name}/B, S(B)/S_min, E(B)/E_min")
     for col in ("B", "noise", "steps x", "examples x"):
         t.add_column(col, justify="right")
     for n in rows:

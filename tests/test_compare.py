@@ -308,3 +308,11 @@ def test_several_folders_input_errors(swept, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written
+
+
+def test_compare_knows_the_adaptive_optimizers_without_importing_torch():
+    """compare reads results without torch, so it keeps its own list of adaptive optimizers: the optimizers'."""
+    from gns_sweep import compare as compare_module
+    from gns_sweep import optim
+
+    assert compare_module.ADAPTIVE == optim.ADAPTIVE
