@@ -64,7 +64,8 @@ class ScheduleConfig:
     @classmethod
     def from_task(cls, task: Task, **changes) -> ScheduleConfig:
         """The task's lr, optimizer, small batch, budget and target, between the ends of its sweep grid (the
-        floor raised to the fewest examples the estimator can measure)."""
+        floor raised to the fewest examples the estimator can measure). task.lr is for the task's own optimizer:
+        with another, give its lr too (train.reference_lr matches one)."""
         micro = changes.get("micro_batches", cls.micro_batches)
         least = 2 if changes.get("estimator", cls.estimator) == PER_EXAMPLE else max(2, micro)
         base = cls(
@@ -94,7 +95,7 @@ class ScheduleResult:
     """What one adaptive run did. The curve_* tuples have one entry per evaluated step."""
 
     status: str  # train.REACHED, BUDGET or DIVERGED
-    steps: int  # SGD steps taken
+    steps: int  # optimizer steps taken
     steps_to_target: int | None  # first evaluated step with eval loss <= target
     examples: int  # training examples used
     examples_to_target: int | None  # examples used up to steps_to_target
