@@ -22,12 +22,13 @@ Two estimators, chosen by how the monitor is made (docs/monitor.md has the examp
 
 Both produce, per parameter tensor, one unbiased |G|^2 and tr(Sigma) per step. Each is smoothed by an
 exponential moving average, numerator and denominator separately, and a scope's B_simple is the ratio
-of its smoothed sums: the ratio of two noisy unbiased estimates is biased and heavy-tailed when |G|^2
-is near zero, their averages are not. The averages are bias-corrected as in Adam (divided by
-1 - beta^t after t updates), so that early readings of |G|^2 and tr(Sigma) are weighted means of the
-updates so far rather than values shrunk towards the zero they start from; B_simple, a ratio of two
-averages with the same weights, is the same either way. Scopes are those of predict: `total`,
-`norm-layers` (if the model has normalization layers) and one per layer.
+of its smoothed sums: one step's ratio of two noisy unbiased estimates is biased and heavy-tailed
+when its |G|^2 is near zero, while their averages stay unbiased and their ratio steadier. The averages
+are bias-corrected as in Adam (divided by 1 - beta^t after t updates), so that early readings of |G|^2
+and tr(Sigma) are weighted means of the updates so far rather than values shrunk towards the zero
+they start from; B_simple, a ratio of two averages with the same weights, is the same either way.
+Scopes are those of predict: `total`, `norm-layers` (if the model has normalization layers) and one
+per layer.
 """
 
 from __future__ import annotations
