@@ -17,8 +17,10 @@ from gns_sweep.compare import (
     Comparison,
     check_folders_out,
     comparison_rows,
+    folder_labels,
     run_compare,
     run_compare_folders,
+    schedule_rows,
     target_frontier_rows,
 )
 from gns_sweep.errors import RunError, UsageError
@@ -77,9 +79,13 @@ def show_folders(dirs: list[Path], cs: tuple[Comparison, ...], folder: SweepDir,
 def render_folders(dirs: list[Path], cs: tuple[Comparison, ...]) -> None:
     """One table of every (folder, target), then each folder's warnings, notes and verdict."""
     t = Table(title="critical batch size by folder and target: measured B_crit vs the matching prediction (95%)")
-    for col in ("folder", "optimizer", "target loss", "B_crit", "prediction", "value", "ratio", "note"):
-        t.add_column(col, justify="left" if col in ("folder", "optimizer", "prediction", "note") else "right")
-    for d, c in zip(dirs, cs, strict=True):
+    labels = folder_labels(dirs)
+    for col in ("folder", "optimizer", "target", "B_crit", "prediction", "value", "ratio", "note"):
+        left = col in ("folder", "optimizer", "prediction", "note")
+        width = min(24, max(map(len, labels))) if col == "folder" else None  # the folder stays readable
+        t.add_column(col, justify="left" if left else "right", no_wrap=col in ("optimizer", "prediction", "ratio"),
+                     min_width=width)  # fmt: skip
+    for d, c in zip(labels, cs, strict=True):
         for row, at in zip(comparison_rows(c), c.targets, strict=True):
             h = at.prediction
             t.add_row(
@@ -90,10 +96,11 @@ def render_folders(dirs: list[Path], cs: tuple[Comparison, ...]) -> None:
                 c.label,
                 f"{fmt(h.b_simple)} [{fmt(h.b_simple_lo)}, {fmt(h.b_simple_hi)}]",
                 fmt(row["ratio"], 2),
-                _target_note(at),
+                "not measured" if not at.measured else "own target" if at.own else "",
             )
     out.print(t)
-    for d, c in zip(dirs, cs, strict=True):
+    out.print("own target: the sweep's own target; not measured: S_min < 5 or no bend, B_crit is not a measurement")
+    for d, c in zip(labels, cs, strict=True):
         for w in c.warnings:
             out.print(f"[bold yellow]warning[/] ({d}): {w}")
         for note in c.main.notes:
@@ -134,6 +141,7 @@ def summary(c: Comparison) -> dict:
         "predict_optimizer": c.predict_optimizer,
         "prediction": c.prediction,
         "warnings": list(c.warnings),
+        "schedule": json_ready(schedule_rows(c)),
     }
 
 
@@ -143,10 +151,12 @@ def render(c: Comparison) -> None:
     render_frontier(c)
     render_ladder(c)
     render_verdict(c)
+    render_schedule(c)
     for note in c.main.notes:
         out.print(f"note: {note}")
     if c.out is not None:
-        out.print(f"wrote {c.out.comparison}, {c.out.frontier}, {c.out.plot} and {c.out.ladder_plot}")
+        wrote = f"{c.out.comparison}, {c.out.frontier}, " + (f"{c.out.schedule}, " if c.schedule else "")
+        out.print(f"wrote {wrote}{c.out.plot} and {c.out.ladder_plot}")
 
 
 def render_frontier(c: Comparison) -> None:
@@ -196,6 +206,41 @@ def render_ladder(c: Comparison) -> None:
         )
     out.print(t)
     out.print(f"targets: {c.ladder.reason}")
+
+
+def render_schedule(c: Comparison) -> None:
+    """The schedule trials beside the best fixed batch size using no more examples, per target and seed, and
+    one line of steps ratios at the sweep's own target."""
+    if not c.schedule:
+        return
+    t = Table(title="GNS schedule vs the best fixed batch size using no more examples (per seed, fixed at best lr)")
+    cols = ("target loss", "seed", "steps", "examples", "batch at target", "fixed batch", "fixed steps")
+    for col in (*cols, "fixed examples", "steps ratio", "examples ratio", "wall ratio"):
+        t.add_column(col, justify="right")
+    for r in c.schedule:
+        t.add_row(
+            fmt(r.target_loss, 4) + (" *" if r.sweep_target else ""),
+            str(r.seed),
+            fmt(r.steps, 4),
+            fmt(r.examples, 4),
+            str(r.batch_size_at_target) if r.batch_size_at_target is not None else "-",
+            str(r.fixed_batch_size) if r.fixed_batch_size is not None else "none",
+            fmt(r.fixed_steps, 4),
+            fmt(r.fixed_examples, 4),
+            fmt(r.steps_ratio, 2),
+            fmt(r.examples_ratio, 2),
+            fmt(r.wall_ratio, 2),
+        )
+    out.print(t)
+    own = [r for r in c.schedule if r.sweep_target]
+    ratios = sorted(r.steps_ratio for r in own if r.steps_ratio == r.steps_ratio)
+    if ratios:
+        out.print(
+            f"[bold]schedule / best fixed steps = {ratios[len(ratios) // 2]:.2g}[/] (median; {ratios[0]:.2g} ... "
+            f"{ratios[-1]:.2g} over {len(ratios)} of {len(own)} seeds) at the sweep's target (*)"
+        )
+    else:
+        out.print("schedule: no seed has a fixed batch size to set beside it at the sweep's target (see the table)")
 
 
 def render_verdict(c: Comparison) -> None:

@@ -8,7 +8,7 @@ from gns_sweep_cli import options as o
 from gns_sweep_cli.common import Bars, cluster, handle_errors, json_ready, out, results_dir
 from rich.table import Table
 
-from gns_sweep.empirical import EmpiricalResult, Plan, prepare_empirical, run_empirical
+from gns_sweep.empirical import GNS, EmpiricalResult, Plan, prepare_empirical, run_empirical
 from gns_sweep.tasks import load_task
 
 
@@ -27,6 +27,8 @@ def empirical(
     betas: o.Betas = None,
     weight_decay: o.WeightDecay = None,
     trust_coefficient: o.TrustCoefficient = None,
+    schedule: o.Schedule = o.E.schedule,
+    schedule_k: o.ScheduleK = o.E.schedule_k,
     out_dir: o.OutDir = None,
     resume: o.Resume = False,
     overwrite: o.Overwrite = False,
@@ -68,6 +70,12 @@ def describe_plan(p: Plan) -> None:
             else ""
         )
         + (f"; centre lr capped at {p.lr_cap:.3g} (half the largest stable lr)" if p.lr_cap else "")
+        + (
+            f"; of them {len(p.seeds)} schedule trials (one per seed) whose batch follows the noise scale "
+            f"(nearest power of two to {p.schedule_k:g} x B_noise, {min(p.batch_sizes)}..{max(p.batch_sizes)})"
+            if p.schedule == GNS
+            else ""
+        )
     )
 
 
@@ -98,7 +106,11 @@ def render(r: EmpiricalResult) -> None:
         t.add_column(col, justify="right")
     counts = {b: dict.fromkeys(("reached", "budget", "diverged"), 0) for b in r.plan.batch_sizes}
     best: dict[int, dict] = {}  # per batch size: the trial with the fewest steps to the target
+    scheduled: list[dict] = []  # the schedule trials, shown on their own
     for row in r.records:  # one pass: a sweep may hold many thousands of trials
+        if row.get("schedule") == GNS:
+            scheduled.append(row)
+            continue
         b = row["batch_size"]
         if row["status"] in counts.get(b, {}):
             counts[b][row["status"]] += 1
@@ -116,6 +128,10 @@ def render(r: EmpiricalResult) -> None:
             f"{best[b]['lr']:.3g}" if b in best else "-",
         )
     out.print(t)
+    for row in scheduled:
+        to = row["steps_to_target"]
+        reached = f"{to} steps, {row['examples_to_target']} examples" if to is not None else row["status"]
+        out.print(f"schedule {row['trial_id']}: {reached}, last batch {row['batch_size']}")
     resumed = f" ({r.resumed} already on disk)" if r.resumed else ""
     out.print(f"{len(r.records)} trials{resumed}, {r.wall_seconds:.1f} s")
     if r.out is not None:

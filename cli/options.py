@@ -132,6 +132,17 @@ TargetLoss = Annotated[
 ]
 CpusPerTrial = Annotated[float, typer.Option("--cpus-per-trial", help="CPUs per trial (torch threads match).")]
 GpusPerTrial = Annotated[float, typer.Option("--gpus-per-trial", help="GPUs per trial (> 0 trains on cuda).")]
+Schedule = Annotated[
+    str,
+    typer.Option(
+        "--schedule",
+        help="none, or gns: also one trial per seed whose batch size follows the monitored noise scale, between "
+        "the grid's ends (compare sets it beside the best fixed batch size).",
+    ),
+]
+ScheduleK = Annotated[
+    float, typer.Option("--schedule-k", help="With --schedule gns: the batch is the power of two nearest k * B_noise.")
+]
 
 
 # --- compare ---------------------------------------------------------------------------------------

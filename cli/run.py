@@ -46,6 +46,8 @@ def run(
     betas: o.Betas = None,
     weight_decay: o.WeightDecay = None,
     trust_coefficient: o.TrustCoefficient = None,
+    schedule: o.Schedule = o.E.schedule,
+    schedule_k: o.ScheduleK = o.E.schedule_k,
     targets: o.Targets = None,
     out_dir: o.OutDir = None,
     resume: o.Resume = False,

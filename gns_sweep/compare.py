@@ -4,13 +4,16 @@ predict's B_simple averaged over the reference run up to the same loss.
 The prediction matches the sweep's optimizer: for an adaptive one (Adam, AdamW) it is the noise
 scale in the optimizer's preconditioned geometry, tr(P Sigma)/G'PG, else B_simple. Several
 results folders (one per optimizer, say) can be set side by side (`run_compare_folders`).
+
+Only fixed-batch trials are fitted. A sweep's schedule trials (the batch follows the noise scale) are
+set beside, per target and seed, the best fixed batch size that uses no more examples (`schedule_vs_fixed`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gns_sweep import __version__
@@ -24,6 +27,7 @@ from gns_sweep.storage import (
     CURVES_SCHEMA,
     FRONTIER_SCHEMA,
     PREDICT_SCHEMA,
+    SCHEDULE_SCHEMA,
     TRIALS_SCHEMA,
     SweepDir,
     read_result,
@@ -33,6 +37,8 @@ from gns_sweep.storage.schemas import FOLDERS_COMPARISON_SCHEMA
 
 BOOTSTRAP_RESAMPLES = 500
 FAILED = "failed"  # status of a trial whose own code raised: recorded, never fitted
+FIXED = "fixed"  # trials.parquet's schedule of a fixed-batch trial (null in a file from before the column)
+GNS = "gns"  # ... of a trial whose batch followed the noise scale: never fitted, set beside the best fixed one
 PLAIN = "b_simple"  # the prediction for a sweep with a non-adaptive optimizer
 PRECOND = "b_simple_precond"  # the prediction for a sweep with an adaptive one: the preconditioned noise scale
 LABELS = {PLAIN: "B_simple", PRECOND: "B_simple^P"}  # how tables and plots name them
@@ -89,6 +95,7 @@ class Comparison:
     predict_optimizer: str = SGD  # predict's reference run's
     prediction: str = PLAIN  # which noise scale the ratios use: PLAIN or PRECOND
     warnings: tuple[str, ...] = ()  # the optimizers of the sweep and of predict differ
+    schedule: tuple[ScheduleVsFixed, ...] = ()  # per (target, seed), easiest target first; () without schedule trials
 
     @property
     def label(self) -> str:
@@ -146,7 +153,11 @@ def compare(
     ran = [r for r in trial_rows if r["status"] != FAILED]  # a crashed trial measured nothing: not a censored one
     if not ran:
         raise UsageError(f"every trial failed ({len(trial_rows)}); fix the cause and rerun empirical with --resume")
-    trials = ld.trials_from_rows(ran, curve_rows)
+    fixed = [r for r in ran if (r.get("schedule") or FIXED) == FIXED]
+    scheduled = [r for r in ran if r.get("schedule") == GNS]
+    if not fixed:
+        raise UsageError("no fixed-batch trial ran to fit the frontier; rerun empirical with --resume")
+    trials = ld.trials_from_rows(fixed, curve_rows)
     own = float(trial_rows[0]["target_loss"])
     ladder = ld.default_ladder(trials, own) if targets is None else _chosen(targets, own)
     judged = sorted(set(ladder.targets) | {own}, reverse=True)  # the sweep's own target is always judged
@@ -175,7 +186,111 @@ def compare(
         predict_optimizer=predicted,
         prediction=prediction,
         warnings=warnings,
+        schedule=tuple(
+            row
+            for t in at
+            for row in schedule_vs_fixed(t, trials, fixed, scheduled, curve_rows, task=trial_rows[0]["task"])
+        ),
     )
+
+
+@dataclass(frozen=True)
+class ScheduleVsFixed:
+    """One schedule trial at one target beside the best fixed batch size using no more examples (a row of
+    schedule.parquet: SCHEDULE_SCHEMA says what each field is)."""
+
+    task: str
+    target_loss: float
+    sweep_target: bool
+    seed: int
+    trial_id: str
+    reached: bool
+    steps: float
+    examples: float
+    wall_seconds: float
+    batch_size_at_target: int | None
+    fixed_batch_size: int | None
+    fixed_lr: float
+    fixed_steps: float
+    fixed_examples: float
+    fixed_wall_seconds: float
+    steps_ratio: float
+    examples_ratio: float
+    wall_ratio: float
+
+
+def schedule_vs_fixed(
+    t: AtTarget,
+    trials: ld.Trials,
+    fixed: Sequence[dict],
+    scheduled: Sequence[dict],
+    curve_rows: Sequence[dict],
+    *,
+    task: str,
+) -> list[ScheduleVsFixed]:
+    """Each schedule trial at target t beside, for its seed, the fixed batch size (at its best lr at t) with the
+    fewest steps to t among those whose examples to t are no more than the schedule's.
+
+    Wall time to a target is the trial's wall time times the share of its examples used by then (the work of
+    a step is its examples; exact at the sweep's own target, where the trials stopped)."""
+    if not scheduled:
+        return []
+    nan = math.nan
+    points: dict[str, list[tuple[int, int, int, float]]] = {r["trial_id"]: [] for r in scheduled}
+    for p in curve_rows:
+        if p["trial_id"] in points:
+            points[p["trial_id"]].append((p["step"], p["examples"], p["batch_size"], p["eval_loss"]))
+    steps = trials.steps_to(t.target_loss)  # (N,) aligned with `fixed`
+    best_lr = {p.batch_size: p.best_lr for p in t.points if not p.censored}
+    out = []
+    for r in sorted(scheduled, key=lambda r: r["seed"]):
+        curve = sorted(points[r["trial_id"]])
+        hit = next((c for c in curve if c[3] <= t.target_loss), None)
+        total = curve[-1][1] if curve else 0
+        s_steps, s_examples = (float(hit[0]), float(hit[1])) if hit else (nan, nan)
+        s_wall = r["wall_seconds"] * (hit[1] / total if total else 1.0) if hit else nan
+        candidates = []  # (steps, examples, batch size, lr, wall) of this seed at each batch size's best lr
+        for i, f in enumerate(fixed):
+            b = f["batch_size"]
+            if f["seed"] != r["seed"] or best_lr.get(b) != f["lr"] or not math.isfinite(steps[i]):
+                continue
+            wall = f["wall_seconds"] * (steps[i] / f["steps"] if f["steps"] else 1.0)
+            candidates.append((float(steps[i]), float(steps[i] * b), b, f["lr"], wall))
+        within = [c for c in candidates if hit and c[1] <= s_examples]
+        best = min(within, default=None)  # fewest steps, then fewest examples
+        fs, fe, fb, flr, fw = best if best else (nan, nan, None, nan, nan)
+        out.append(
+            ScheduleVsFixed(
+                task=task,
+                target_loss=t.target_loss,
+                sweep_target=t.own,
+                seed=int(r["seed"]),
+                trial_id=r["trial_id"],
+                reached=hit is not None,
+                steps=s_steps,
+                examples=s_examples,
+                wall_seconds=s_wall,
+                batch_size_at_target=int(hit[2]) if hit else None,
+                fixed_batch_size=fb,
+                fixed_lr=flr,
+                fixed_steps=fs,
+                fixed_examples=fe,
+                fixed_wall_seconds=fw,
+                steps_ratio=_ratio(s_steps, fs),
+                examples_ratio=_ratio(s_examples, fe),
+                wall_ratio=_ratio(s_wall, fw),
+            )
+        )
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+def schedule_rows(c: Comparison) -> list[dict]:
+    """schedule.parquet: one row per (target, schedule trial)."""
+    return [asdict(row) for row in c.schedule]
 
 
 def sweep_optimizer(trial_rows: Sequence[dict]) -> str:
@@ -394,6 +509,7 @@ def frontier_plot(c: Comparison) -> FrontierPlot:
         b_crit_interval=(t.interval.lo, t.interval.hi),
         b_simple=t.prediction.b_simple,
         prediction_label=c.label,
+        schedule=tuple((r.examples, r.steps) for r in c.schedule if r.target_loss == t.target_loss and r.reached),
     )
 
 
@@ -416,7 +532,8 @@ def run_compare(
     plot: bool = True,
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> Comparison:
-    """Read DIR, compare at each target, write comparison.parquet, frontier.parquet, comparison.png, targets.png."""
+    """Read DIR, compare at each target, write comparison.parquet, frontier.parquet, comparison.png, targets.png,
+    and schedule.parquet when the sweep has schedule trials (else an older one is removed: it would not match)."""
     out = SweepDir(out_dir)
     predict_rows, trial_rows, curve_rows = read_inputs(out)
     c = compare(trial_rows, curve_rows, predict_rows, targets=targets, resamples=resamples)
@@ -424,6 +541,10 @@ def run_compare(
     sets = {**settings(out.path), "targets": list(targets) if targets is not None else None}
     write_table(out.comparison, comparison_rows(c), COMPARISON_SCHEMA, sets)
     write_table(out.frontier, frontier_rows(c), FRONTIER_SCHEMA, sets)
+    if c.schedule:
+        write_table(out.schedule, schedule_rows(c), SCHEDULE_SCHEMA, sets)
+    else:
+        out.schedule.unlink(missing_ok=True)
     if plot:
         plot_frontier(frontier_plot(c), out.plot)
         plot_ladder(ladder_plot(c), out.ladder_plot)
@@ -480,19 +601,25 @@ def folders_rows(dirs: Sequence[Path], comparisons: Sequence[Comparison]) -> lis
     return [{"folder": str(d), **row} for d, c in zip(dirs, comparisons, strict=True) for row in comparison_rows(c)]
 
 
+def folder_labels(dirs: Sequence[Path]) -> list[str]:
+    """Short names for tables and plots: each folder's last component, or the paths as given where those clash."""
+    names = [Path(d).name or str(d) for d in dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
 def folders_plot(dirs: Sequence[Path], comparisons: Sequence[Comparison]) -> FoldersPlot:
     """B_crit and each folder's matching prediction against the target loss, one series per folder."""
     return FoldersPlot(
         title=f"{', '.join(sorted({c.task for c in comparisons}))}: critical batch size by target",
         series=tuple(
             FolderSeries(
-                label=f"{d} ({c.optimizer})",
+                label=f"{label} ({c.optimizer})" if c.optimizer not in label else label,
                 targets=tuple(t.target_loss for t in c.targets),
                 b_crit=tuple(t.b_crit for t in c.targets),
                 measured=tuple(t.measured for t in c.targets),
                 prediction=tuple(t.prediction.b_simple for t in c.targets),
                 prediction_label=c.label,
             )
-            for d, c in zip(dirs, comparisons, strict=True)
+            for label, c in zip(folder_labels(dirs), comparisons, strict=True)
         ),
     )

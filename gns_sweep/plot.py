@@ -28,6 +28,7 @@ class FrontierPlot:
     b_crit_interval: tuple[float, float]  # (NaN, NaN) when there is none
     b_simple: float  # the prediction (NaN or <= 0: not drawn)
     prediction_label: str = "B_simple"  # its name: B_simple, or B_simple^P for an adaptive optimizer
+    schedule: tuple[tuple[float, float], ...] = ()  # (examples, steps) to the target of each seed's schedule trial
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def plot_folders(data: FoldersPlot, path: Path) -> None:
     """Per folder, in its own colour: B_crit (solid, diamonds; hollow where not a measurement) and its
     prediction (dashed, stars) against the target loss, log scale; written atomically to path."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 5.0), dpi=110)
     for i, s in enumerate(data.series):
         color = f"C{i % 10}"
         x = np.asarray(s.targets, dtype=float)
@@ -131,7 +132,7 @@ def plot_folders(data: FoldersPlot, path: Path) -> None:
     ax.set_ylabel("batch size")
     ax.set_title(f"{data.title}\n(hollow: not a measurement of B_crit)", fontsize=10)
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over the data
     fig.tight_layout()
     _save(fig, path)
 
@@ -144,6 +145,9 @@ def plot_frontier(data: FrontierPlot, path: Path) -> None:
     dense = np.geomspace(min(sizes) / 4, max(sizes) * 4, 200)  # batch sizes for the curves
     _measured(ax, data)
     _censored(ax, data)
+    if data.schedule:
+        e, s = np.array(data.schedule, dtype=float).T
+        ax.scatter(e, s, marker="X", s=80, color="C3", edgecolors="k", zorder=6, label="GNS schedule (each seed)")
     if math.isfinite(data.b_crit):
         _fit(ax, data, dense)
         if data.b_simple > 0 and math.isfinite(data.b_simple):

@@ -22,7 +22,7 @@ from typing import Any, overload
 
 import pyarrow as pa
 
-from gns_sweep.empirical.config import EmpiricalConfig, Plan, TrialSpec, settings
+from gns_sweep.empirical.config import NONE, EmpiricalConfig, Plan, TrialSpec, settings
 from gns_sweep.empirical.planning import make_plan
 from gns_sweep.empirical.trial import failed_record, run_trial_file
 from gns_sweep.empirical.validate import validate
@@ -117,6 +117,8 @@ def _done(out: SweepDir, plan: Plan, *, resume: bool, overwrite: bool) -> set[st
     old = (read_settings(out.plan) or {}) if out.plan.exists() else {}
     if old and "optimizer" not in old:  # planned before the optimizer was recorded: plain SGD
         old = {**old, "optimizer": OptimizerSpec().name, "optimizer_settings": OptimizerSpec().key()}
+    if old and "schedule" not in old:  # planned before schedule trials existed: fixed trials only
+        old = {**old, "schedule": NONE, "schedule_k": None}
     changed = [k for k in settings_diff(old, plan.key()) if k in plan.key()]
     if changed:
         raise UsageError(
@@ -201,7 +203,8 @@ class _TrialSink:
         self.out = job.out
         self.settings = settings(job.config, job.plan)
         self.metadata = None if self.out is None else trial_metadata(self.settings)  # for the workers' files
-        self.order = sorted(job.plan.trials, key=lambda t: (t.batch_size, t.lr, t.seed))  # the tables' row order
+        # the tables' row order: fixed trials by (batch size, lr, seed), then the schedule trials by seed
+        self.order = sorted(job.plan.trials, key=lambda t: (t.schedule is not None, t.batch_size, t.lr, t.seed))
         self.pending: list[dict[str, Any]] = []
         self.batches: list[pa.RecordBatch] = []
         if self.out is not None:
@@ -241,4 +244,4 @@ class _TrialSink:
 
 
 def _plan_row(t: TrialSpec) -> dict[str, Any]:
-    return {"trial_id": t.trial_id, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed}
+    return {"trial_id": t.trial_id, "batch_size": t.batch_size, "lr": t.lr, "seed": t.seed, "schedule": t.kind}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gns_sweep.empirical.config import EmpiricalConfig, Plan, TrialSpec, trial_id
+from gns_sweep.empirical.config import GNS, EmpiricalConfig, Plan, ScheduleSpec, TrialSpec, schedule_trial_id, trial_id
 from gns_sweep.optim import SQRT, OptimizerSpec
 from gns_sweep.tasks import Task
 from gns_sweep.train import DIVERGED, TrainConfig, reference_lr, train
@@ -164,6 +164,8 @@ def make_plan(config: EmpiricalConfig, task: Task) -> Plan:
         for lr in grid
         for s in seeds
     )
+    if config.schedule == GNS:
+        trials += schedule_trials(task, sizes, seeds, config, optimizer, base=base, cap=cap)
     return Plan(
         task.name,
         sizes,
@@ -178,4 +180,24 @@ def make_plan(config: EmpiricalConfig, task: Task) -> Plan:
         optimizer=optimizer,
         reference_lr=base,
         lr_reason=lr_reason,
+        schedule=config.schedule,
+        schedule_k=config.schedule_k if config.schedule == GNS else None,
     )
+
+
+def schedule_trials(
+    task: Task,
+    sizes: tuple[int, ...],
+    seeds: tuple[int, ...],
+    config: EmpiricalConfig,
+    optimizer: OptimizerSpec,
+    *,
+    base: float | None,
+    cap: float | None,
+) -> tuple[TrialSpec, ...]:
+    """One adaptive-batch trial per seed, between the grid's ends, at the lr the grid is centred on (the
+    optimizer's lr at the task's batch size, scaled by its rule and capped where the grid's centre is)."""
+    lr = reference_lr(task, optimizer).lr if base is None else base
+    floor = max(2, min(sizes))  # validate made sure the grid reaches it
+    spec = ScheduleSpec(base_batch=task.batch_size, floor=floor, ceiling=max(sizes), k=config.schedule_k, lr_max=cap)
+    return tuple(TrialSpec(schedule_trial_id(s), floor, lr, s, schedule=spec) for s in seeds)

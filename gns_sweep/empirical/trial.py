@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gns_sweep.empirical.config import TrialSpec
+from gns_sweep.empirical.config import FIXED, TrialSpec
 from gns_sweep.optim import OptimizerSpec
 from gns_sweep.runtime import WorkerInfo
+from gns_sweep.schedule import ScheduleConfig, run_schedule
 from gns_sweep.storage.sweep_dir import encode_trial, light_row
 from gns_sweep.tasks import Task
 from gns_sweep.train import FAILED, TrainConfig, train
@@ -23,15 +24,16 @@ class TrialRecord:
 
     trial_id: str
     task: str
-    batch_size: int
-    lr: float
+    schedule: str  # FIXED, or GNS: the batch size followed the noise scale
+    batch_size: int  # a schedule trial's: that of its last step
+    lr: float  # a schedule trial's: that of its last step
     optimizer: str  # the optimizer's name
     optimizer_settings: str  # JSON: the optimizer's name and the settings it reads (OptimizerSpec.key)
     seed: int
     status: str  # reached, budget, diverged or failed
     steps: int
     steps_to_target: int | None
-    examples_to_target: int | None
+    examples_to_target: int | None  # examples used up to steps_to_target
     target_loss: float
     initial_eval_loss: float
     final_eval_loss: float
@@ -45,6 +47,9 @@ class TrialRecord:
     update_ratios: str  # JSON {parameter: ||update||/||w||} at the last step (update: lr*grad for plain SGD)
     curve_steps: tuple[int, ...]
     curve_losses: tuple[float, ...]
+    curve_batch_sizes: tuple[int, ...]  # batch size of each evaluated step
+    curve_examples: tuple[int, ...]  # examples used up to each evaluated step
+    curve_lrs: tuple[float, ...]  # lr of each evaluated step
     error: str | None = None  # why a failed trial failed (one line); None otherwise
 
 
@@ -63,6 +68,11 @@ def run_trial(
     optimizer: OptimizerSpec = OptimizerSpec(),
 ) -> TrialRecord:
     """Runs on a worker: one training run, from the seed's initial weights."""
+    if trial.schedule is not None:
+        return _run_schedule_trial(
+            task=task, trial=trial, target_loss=target_loss, budget_examples=budget_examples, worker=worker,
+            optimizer=optimizer,
+        )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     cfg = TrainConfig(trial.batch_size, trial.lr, budget_examples, target_loss, seed=trial.seed, optimizer=optimizer)
     r = train(task, cfg, device=worker.device)
@@ -70,6 +80,7 @@ def run_trial(
     return TrialRecord(
         trial_id=trial.trial_id,
         task=task.name,
+        schedule=FIXED,
         batch_size=trial.batch_size,
         lr=trial.lr,
         **optimizer_columns(optimizer),
@@ -91,6 +102,68 @@ def run_trial(
         update_ratios=json.dumps(r.update_ratios),
         curve_steps=r.curve_steps,
         curve_losses=r.curve_losses,
+        curve_batch_sizes=(trial.batch_size,) * len(r.curve_steps),
+        curve_examples=tuple(s * trial.batch_size for s in r.curve_steps),
+        curve_lrs=(trial.lr,) * len(r.curve_steps),
+    )
+
+
+def _run_schedule_trial(
+    *,
+    task: Task,
+    trial: TrialSpec,
+    target_loss: float,
+    budget_examples: int,
+    worker: WorkerInfo,
+    optimizer: OptimizerSpec,
+) -> TrialRecord:
+    """An adaptive-batch run (gns_sweep.schedule) as a trial: its row holds the last step's batch size and
+    lr, its curve the batch size, examples and lr of every evaluated step."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    spec = trial.schedule
+    config = ScheduleConfig.from_task(
+        task,
+        lr=trial.lr,
+        base_batch=spec.base_batch,
+        floor=spec.floor,
+        ceiling=spec.ceiling,
+        budget_examples=budget_examples,
+        target_loss=target_loss,
+        seed=trial.seed,
+        k=spec.k,
+        lr_max=spec.lr_max,
+        optimizer=optimizer,
+    )
+    r = run_schedule(task, config, device=worker.device)
+    finite = [x for x in r.curve_losses if math.isfinite(x)]
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        task=task.name,
+        schedule=trial.kind,
+        batch_size=r.curve_batch_sizes[-1],
+        lr=r.curve_lrs[-1],
+        **optimizer_columns(optimizer),
+        seed=trial.seed,
+        status=r.status,
+        steps=r.steps,
+        steps_to_target=r.steps_to_target,
+        examples_to_target=r.examples_to_target,
+        target_loss=target_loss,
+        initial_eval_loss=r.initial_eval_loss,
+        final_eval_loss=r.final_eval_loss,
+        best_eval_loss=min(finite) if finite else math.inf,
+        budget_examples=budget_examples,
+        wall_seconds=time.perf_counter() - wall,
+        cpu_seconds=time.process_time() - cpu,
+        node_id=worker.node_id,
+        device=worker.device,
+        update_ratio_max=math.nan,  # the schedule does not measure it
+        update_ratios="{}",
+        curve_steps=r.curve_steps,
+        curve_losses=r.curve_losses,
+        curve_batch_sizes=r.curve_batch_sizes,
+        curve_examples=r.curve_examples,
+        curve_lrs=r.curve_lrs,
     )
 
 
@@ -134,6 +207,7 @@ def failed_record(
     return TrialRecord(
         trial_id=trial.trial_id,
         task=task,
+        schedule=trial.kind,
         batch_size=trial.batch_size,
         lr=trial.lr,
         **optimizer_columns(optimizer),
@@ -155,5 +229,8 @@ def failed_record(
         update_ratios="{}",
         curve_steps=(),
         curve_losses=(),
+        curve_batch_sizes=(),
+        curve_examples=(),
+        curve_lrs=(),
         error=error,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gns_sweep.empirical.config import EmpiricalConfig
+from gns_sweep.empirical.config import SCHEDULES, EmpiricalConfig
 from gns_sweep.errors import UsageError
 from gns_sweep.optim import OptimizerSpec
 from gns_sweep.tasks import Task, check_trainable
@@ -51,4 +51,13 @@ def validate(config: EmpiricalConfig, task: Task) -> None:
         raise UsageError(f"--gpus-per-trial {config.gpus_per_trial:g} must be a number >= 0 (0: CPU only)")
     if config.max_retries < 0:
         raise UsageError(f"--max-retries {config.max_retries}: must be >= 0 (0: a trial whose worker dies fails)")
+    if config.schedule not in SCHEDULES:
+        raise UsageError(f"--schedule {config.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if not (math.isfinite(config.schedule_k) and config.schedule_k > 0):
+        raise UsageError(f"--schedule-k {config.schedule_k:g} must be a finite number > 0, e.g. 1")
+    if config.schedule != SCHEDULES[0] and max(sizes) < 2:
+        raise UsageError(
+            f"--schedule {config.schedule} needs a largest batch size of at least 2 (the noise scale's variance needs "
+            "two examples per step); add a larger batch size to --batch-sizes"
+        )
     check_trainable(task, init_model(task, seed=0))  # before the plan's stability probe trains it

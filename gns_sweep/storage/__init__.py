@@ -7,6 +7,7 @@ from gns_sweep.storage.schemas import (
     PLAN_SCHEMA,
     PREDICT_FILE_SCHEMA,
     PREDICT_SCHEMA,
+    SCHEDULE_SCHEMA,
     TRIAL_FILE_SCHEMA,
     TRIALS_SCHEMA,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "PLAN_SCHEMA",
     "PREDICT_FILE_SCHEMA",
     "PREDICT_SCHEMA",
+    "SCHEDULE_SCHEMA",
     "TRIALS_SCHEMA",
     "TRIAL_FILE_SCHEMA",
     "SweepDir",

@@ -48,26 +48,28 @@ PREDICT_FILE_SCHEMA = PREDICT_SCHEMA.append(
 
 PLAN_SCHEMA = pa.schema(
     [
-        ("trial_id", pa.string()),  # stable: b<batch>-lr<lr>-s<seed>
-        ("batch_size", pa.int64()),
-        ("lr", pa.float64()),
+        ("trial_id", pa.string()),  # stable: b<batch>-lr<lr>-s<seed> (gns-s<seed> for a schedule trial)
+        ("batch_size", pa.int64()),  # a schedule trial's first batch size
+        ("lr", pa.float64()),  # a schedule trial's lr at the task's batch size
         ("seed", pa.int64()),
+        ("schedule", pa.string()),  # "fixed", or "gns" (the batch follows the noise scale)
     ]
 )
 
 TRIALS_SCHEMA = pa.schema(
     [
-        ("trial_id", pa.string()),  # b<batch>-lr<lr>-s<seed>, the same in every run of this plan
+        ("trial_id", pa.string()),  # b<batch>-lr<lr>-s<seed> (gns-s<seed>), the same in every run of this plan
         ("task", pa.string()),
-        ("batch_size", pa.int64()),  # examples per step
-        ("lr", pa.float64()),  # constant learning rate
+        ("schedule", pa.string()),  # "fixed", or "gns": the batch follows the noise scale (null in a file from before)
+        ("batch_size", pa.int64()),  # examples per step; a schedule trial's: that of its last step
+        ("lr", pa.float64()),  # constant learning rate; a schedule trial's: that of its last step
         ("optimizer", pa.string()),  # sgd, momentum, adam, adamw or lars (null in a file from before: sgd)
         ("optimizer_settings", pa.string()),  # JSON: the name and the settings it reads, e.g. {"name": "sgd", ...}
         ("seed", pa.int64()),  # initial weights (shared by all batch sizes) and data order
         ("status", pa.string()),  # reached, budget, diverged, or failed (its own code raised)
         ("steps", pa.int64()),  # optimizer steps taken
         ("steps_to_target", pa.int64()),  # first evaluated step with eval loss <= target; null if never
-        ("examples_to_target", pa.int64()),  # steps_to_target * batch_size; null if never
+        ("examples_to_target", pa.int64()),  # examples used up to steps_to_target (fixed: * batch_size); null if never
         ("target_loss", pa.float64()),
         ("initial_eval_loss", pa.float64()),
         ("final_eval_loss", pa.float64()),  # at the last evaluation (inf when diverged)
@@ -98,22 +100,27 @@ PREDICT_OPTIMIZER_COLUMNS = frozenset(
     }
 )
 
-# Columns added after files were first written: a file without one reads as nulls there.
-LATER_COLUMNS = frozenset({"error", "node_ids"}) | PREDICT_OPTIMIZER_COLUMNS | TRIAL_OPTIMIZER_COLUMNS
+# Columns added after files were first written: a file without one reads as nulls there (schedule: "fixed").
+LATER_COLUMNS = frozenset({"error", "node_ids", "schedule"}) | PREDICT_OPTIMIZER_COLUMNS | TRIAL_OPTIMIZER_COLUMNS
 
-# A trial's own file: its row plus its eval curve, so one atomic write holds both.
-TRIAL_FILE_SCHEMA = TRIALS_SCHEMA.append(pa.field("curve_steps", pa.list_(pa.int64()))).append(
-    pa.field("curve_losses", pa.list_(pa.float64()))
+# A trial's own file: its row plus its eval curve, so one atomic write holds both; one entry per evaluation.
+TRIAL_CURVE_FIELDS = (
+    pa.field("curve_steps", pa.list_(pa.int64())),  # evaluated steps (0: the initial weights)
+    pa.field("curve_losses", pa.list_(pa.float64())),  # their eval losses
+    pa.field("curve_batch_sizes", pa.list_(pa.int64())),  # batch size of each evaluated step (absent before: fixed)
+    pa.field("curve_examples", pa.list_(pa.int64())),  # examples used up to it
+    pa.field("curve_lrs", pa.list_(pa.float64())),  # lr of each evaluated step
 )
+TRIAL_FILE_SCHEMA = pa.schema(list(TRIALS_SCHEMA) + list(TRIAL_CURVE_FIELDS))
 
 CURVES_SCHEMA = pa.schema(
     [
         ("trial_id", pa.string()),
-        ("batch_size", pa.int64()),
-        ("lr", pa.float64()),
+        ("batch_size", pa.int64()),  # batch size of the step evaluated (a schedule trial's changes along its curve)
+        ("lr", pa.float64()),  # lr of that step
         ("seed", pa.int64()),
-        ("step", pa.int64()),  # SGD steps done when the eval loss was measured
-        ("examples", pa.int64()),  # step * batch_size
+        ("step", pa.int64()),  # optimizer steps done when the eval loss was measured
+        ("examples", pa.int64()),  # training examples used by then (fixed trials: step * batch_size)
         ("eval_loss", pa.float64()),
     ]
 )
@@ -178,4 +185,30 @@ COMPARISON_SCHEMA = pa.schema(
 FOLDERS_COMPARISON_SCHEMA = pa.schema(
     [pa.field("folder", pa.string())]  # the results folder as given on the command line
     + list(COMPARISON_SCHEMA)
+)
+
+# schedule.parquet: each schedule trial beside the best fixed batch size that uses no more examples, one row per
+# (target, seed); "fixed" is, among the batch sizes at their best lr (frontier.parquet), this seed's trial with the
+# fewest steps to the target whose examples to it are <= the schedule's.
+SCHEDULE_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("target_loss", pa.float64()),
+        ("sweep_target", pa.bool_()),  # the sweep's own target (its trials stopped there)
+        ("seed", pa.int64()),
+        ("trial_id", pa.string()),  # the schedule trial
+        ("reached", pa.bool_()),  # the schedule reached this target
+        ("steps", pa.float64()),  # the schedule's steps to the target; NaN if not reached
+        ("examples", pa.float64()),  # its examples to the target
+        ("wall_seconds", pa.float64()),  # its wall time to the target (see docs/schemas.md)
+        ("batch_size_at_target", pa.int64()),  # its batch size at the step that reached it; null if not reached
+        ("fixed_batch_size", pa.int64()),  # the best fixed batch size using no more examples; null: none did
+        ("fixed_lr", pa.float64()),  # its best lr
+        ("fixed_steps", pa.float64()),  # its steps to the target, this seed
+        ("fixed_examples", pa.float64()),  # fixed_steps * fixed_batch_size
+        ("fixed_wall_seconds", pa.float64()),  # its wall time to the target
+        ("steps_ratio", pa.float64()),  # steps / fixed_steps (< 1: the schedule needs fewer steps)
+        ("examples_ratio", pa.float64()),  # examples / fixed_examples (>= 1: the fixed one uses no more)
+        ("wall_ratio", pa.float64()),  # wall_seconds / fixed_wall_seconds
+    ]
 )

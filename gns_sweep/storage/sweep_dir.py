@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gns_sweep.storage.schemas import CURVES_SCHEMA, TRIAL_FILE_SCHEMA, TRIALS_SCHEMA
+from gns_sweep.storage.schemas import CURVES_SCHEMA, TRIAL_CURVE_FIELDS, TRIAL_FILE_SCHEMA, TRIALS_SCHEMA
 from gns_sweep.storage.tables import (
     encode_table,
     is_temporary,
@@ -31,8 +31,9 @@ from gns_sweep.storage.tables import (
     write_bytes,
 )
 
-CURVE_COLUMNS = ("curve_steps", "curve_losses")  # a trial file's columns beyond trials.parquet's
-_CURVE_TYPES = pa.schema([("curve_steps", pa.list_(pa.int64())), ("curve_losses", pa.list_(pa.float64()))])
+CURVE_COLUMNS = tuple(f.name for f in TRIAL_CURVE_FIELDS)  # a trial file's columns beyond trials.parquet's
+_CURVE_TYPES = pa.schema(list(TRIAL_CURVE_FIELDS))
+_FILL_FROM = ("batch_size", "lr")  # what fills the per-point columns of a file from before them (a fixed trial)
 CONSOLIDATE_TRIALS = 256  # trial files read per step of `consolidate`
 CURVE_ROW_GROUP = 1 << 17  # curves.parquet rows per row group (at most; the last one less)
 
@@ -73,6 +74,10 @@ class SweepDir:
     @property
     def frontier(self) -> Path:
         return self.path / "frontier.parquet"
+
+    @property
+    def schedule(self) -> Path:  # the schedule trials beside the best fixed batch size, per target and seed
+        return self.path / "schedule.parquet"
 
     @property
     def plot(self) -> Path:  # the frontier at the sweep's own target
@@ -144,10 +149,10 @@ class SweepDir:
             for start in range(0, len(trial_ids), CONSOLIDATE_TRIALS):
                 ids = trial_ids[start : start + CONSOLIDATE_TRIALS]
                 # one thread per small file: a thread pool per read costs more than the read
-                files = [_read(self.trial(tid), None if tid not in index else CURVE_COLUMNS) for tid in ids]
+                files = [_read_trial(self.trial(tid), whole=tid not in index) for tid in ids]
                 if not files:
                     continue
-                curves = pa.concat_tables([f.select(list(CURVE_COLUMNS)).cast(_CURVE_TYPES) for f in files])
+                curves = pa.concat_tables([_curves(f) for f in files])
                 if all(tid in index for tid in ids):
                     step = known.take(pa.array([index[tid] for tid in ids], pa.int64()))
                 else:  # trials of an earlier run: their rows from their files too
@@ -173,7 +178,8 @@ class SweepDir:
             for p in self.trials_dir.iterdir():
                 p.unlink()
             self.trials_dir.rmdir()
-        for path in (self.plan, self.trials, self.curves, self.comparison, self.frontier, self.plot, self.ladder_plot):
+        made = (self.plan, self.trials, self.curves, self.comparison, self.frontier, self.schedule)
+        for path in (*made, self.plot, self.ladder_plot):
             path.unlink(missing_ok=True)
 
 
@@ -199,6 +205,40 @@ def _read(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     return pq.ParquetFile(path).read(columns=None if columns is None else list(columns), use_threads=False)
 
 
+def _read_trial(path: Path, *, whole: bool) -> pa.Table:
+    """A trial file, or only what its curve needs (a file from before the per-point columns lacks them)."""
+    f = pq.ParquetFile(path)
+    if whole:
+        return f.read(use_threads=False)
+    names = set(f.schema_arrow.names)
+    return f.read(columns=[c for c in (*CURVE_COLUMNS, *_FILL_FROM) if c in names], use_threads=False)
+
+
+def _curves(table: pa.Table) -> pa.Table:
+    """A trial file's CURVE_COLUMNS, the per-point ones filled from its row where the file predates them."""
+    if all(c in table.column_names for c in CURVE_COLUMNS):
+        return table.select(list(CURVE_COLUMNS)).cast(_CURVE_TYPES)
+    return pa.Table.from_pylist([curve_points(r) for r in table.to_pylist()], schema=_CURVE_TYPES)
+
+
+def curve_points(row: Mapping[str, Any]) -> dict[str, list]:
+    """A trial's CURVE_COLUMNS; a row without per-point batch sizes is a fixed trial's: its batch and lr
+    at every point, examples = step * batch."""
+    steps, b = list(row["curve_steps"]), row["batch_size"]
+    sizes = row.get("curve_batch_sizes")
+    if sizes is None:
+        sizes, examples, lrs = [b] * len(steps), [s * b for s in steps], [row["lr"]] * len(steps)
+    else:
+        examples, lrs = row["curve_examples"], row["curve_lrs"]
+    return {
+        "curve_steps": steps,
+        "curve_losses": list(row["curve_losses"]),
+        "curve_batch_sizes": list(sizes),
+        "curve_examples": list(examples),
+        "curve_lrs": list(lrs),
+    }
+
+
 def _status(path: Path) -> str:
     return _read(path, ["status"]).column("status")[0].as_py()
 
@@ -218,19 +258,21 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def _curve_table(trials: pa.Table, curves: pa.Table) -> pa.Table:
     """curves.parquet rows of these trials (one row each in both tables, in the same order)."""
-    steps, losses = curves.column("curve_steps").combine_chunks(), curves.column("curve_losses").combine_chunks()
+    steps = curves.column("curve_steps").combine_chunks()
     owner = pc.list_parent_indices(steps)
-    batch_size = trials.column("batch_size").take(owner)
-    step = pc.list_flatten(steps)
+
+    def flat(name: str) -> pa.Array:
+        return pc.list_flatten(curves.column(name).combine_chunks())
+
     return pa.table(
         {
             "trial_id": trials.column("trial_id").take(owner),
-            "batch_size": batch_size,
-            "lr": trials.column("lr").take(owner),
+            "batch_size": flat("curve_batch_sizes"),
+            "lr": flat("curve_lrs"),
             "seed": trials.column("seed").take(owner),
-            "step": step,
-            "examples": pc.multiply(step, batch_size),
-            "eval_loss": pc.list_flatten(losses),
+            "step": pc.list_flatten(steps),
+            "examples": flat("curve_examples"),
+            "eval_loss": flat("curve_losses"),
         },
         schema=CURVES_SCHEMA,
     )
@@ -238,16 +280,17 @@ def _curve_table(trials: pa.Table, curves: pa.Table) -> pa.Table:
 
 def curve_rows(trial: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A trial's eval curve as curves.parquet rows."""
-    b = trial["batch_size"]
+    c = curve_points(trial)
+    points = zip(*(c[name] for name in CURVE_COLUMNS), strict=True)
     return [
         {
             "trial_id": trial["trial_id"],
             "batch_size": b,
-            "lr": trial["lr"],
+            "lr": lr,
             "seed": trial["seed"],
             "step": s,
-            "examples": s * b,
+            "examples": e,
             "eval_loss": loss,
         }
-        for s, loss in zip(trial["curve_steps"], trial["curve_losses"], strict=True)
+        for s, loss, b, e, lr in points  # CURVE_COLUMNS' order
     ]
