@@ -289,7 +289,7 @@ def test_several_folders_side_by_side(swept, tmp_path):
         pd.testing.assert_frame_equal(part, alone)
     assert set(both.optimizer) == {"sgd"} and set(both.prediction) == {"b_simple"}
     assert (out / "targets.png").stat().st_size > 10_000
-    assert str(other) in result.output and "sgd" in result.output
+    assert "│ other" in result.output and "sgd" in result.output  # folders by their names
     doc = invoke("compare", str(swept), str(other), "--out", str(out), "--json", *chosen)
     assert doc.exit_code == 0, doc.output
     import json
