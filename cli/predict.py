@@ -116,7 +116,7 @@ def describe_reference(r: PredictResult) -> str:
     why = "" if ref.lr_reason.startswith("the task's lr for") else f" ({ref.lr_reason})"
     return (
         f"[bold]{r.task}[/]: reference run with {ref.optimizer.describe()} at batch {ref.batch_size}, "
-        f"lr {ref.lr:g}{why}; {reached}; "
+        f"lr {ref.lr:.3g}{why}; {reached}; "
         f"{len(ref.checkpoint_steps)} checkpoints from step {ref.checkpoint_steps[0]} to {ref.checkpoint_steps[-1]}, "
         f"each on {c.probe_size} fresh examples ({how})"
     )

@@ -132,9 +132,12 @@ def train(
         loss = task.loss(model(x_all[idx]), y_all[idx]).mean()
         if not torch.isfinite(loss):
             curve.add(step, math.inf)
+            stepper.measured = False  # this step took none: no last update (plain SGD: no gradient)
             break
         loss.backward()
-        stepper.step()
+        # A run stops only after an evaluation: the last step's update is needed there (and at every step a
+        # caller watches), so the weights before a step are kept only then.
+        stepper.step(measure=on_step is not None or eval_due(step) or step == max_steps)
         if on_step is not None:
             on_step(step, model, stepper)
         if (eval_due(step) or step == max_steps) and curve.add(step, eval_loss(model, task, device=device)):
@@ -147,7 +150,7 @@ class Stepper:
 
     Plain SGD takes the bare in-place update `_sgd_step` (no torch optimizer); its update is lr * grad,
     read off the gradient. Any other optimizer is torch's (gns_sweep.optim.build), and its update is
-    measured: the weights before each step are kept, so the last update is w_after - w_before.
+    measured: the weights before a step are kept (when asked: `measure`), so its update is w_after - w_before.
     """
 
     def __init__(self, spec: OptimizerSpec, named: list[tuple[str, nn.Parameter]], lr: float) -> None:
@@ -157,24 +160,30 @@ class Stepper:
         self.optimizer = None if spec.plain else build(spec, self.params, lr)  # None: the fast SGD path
         self.before = None if spec.plain else [torch.empty_like(p) for p in self.params]  # weights before a step
         self.steps = 0
+        self.measured = False  # the weights before the last step were kept
 
-    def step(self) -> None:
+    def step(self, *, measure: bool = True) -> None:
+        """One update; measure: keep the weights from before it, so that its size can be read (not needed
+        for plain SGD)."""
         if self.optimizer is None:
             _sgd_step(self.params, self.lr)
         else:
-            with torch.no_grad():
-                for b, p in zip(self.before, self.params, strict=True):
-                    b.copy_(p)
+            if measure:
+                with torch.no_grad():
+                    for b, p in zip(self.before, self.params, strict=True):
+                        b.copy_(p)
             self.optimizer.step()
         self.steps += 1
+        self.measured = measure
 
     @torch.no_grad()
     def update_sq(self) -> dict[str, float]:
-        """||update||^2 per trainable parameter of the last step; empty before the first.
+        """||update||^2 per trainable parameter of the last step; empty before the first, and for an
+        optimizer other than plain SGD when that step was not measured.
 
         The update is lr * grad for plain SGD, w_after - w_before for any other optimizer (a parameter
         without a gradient counts 0 for plain SGD)."""
-        if self.steps == 0:
+        if self.steps == 0 or (self.optimizer is not None and not self.measured):
             return {}
         if self.optimizer is None:
             return {
@@ -294,8 +303,8 @@ def reference_lr(task: Task, optimizer: OptimizerSpec) -> ReferenceLr:
         lr *= wanted / got  # one rescaling: the ratio grows slower than the lr, so more rounds overshoot
     return ReferenceLr(
         _round(lr),
-        f"matched to the task's {own.name} lr {task.lr:g} at batch {task.batch_size} by the update:data ratio "
-        f"({wanted:.2g} per step)",
+        f"matched to the task's {own.name} lr {task.lr:g} at batch {task.batch_size} by the update:data ratio, "
+        f"{wanted:.2g} per step",
     )
 
 
