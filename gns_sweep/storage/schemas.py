@@ -28,7 +28,7 @@ PREDICT_SCHEMA = pa.schema(
         ("b_simple_lower_bound", pa.float64()),  # min(n, tr(Sigma)/||gbar||^2): finite even when unresolved
         ("resolved", pa.bool_()),  # |G|^2 > 0 at this probe size
         ("snr_mean", pa.float64()),  # mean per-parameter |gbar_k| / std_k over the scope
-        ("update_ratio", pa.float64()),  # ||lr*grad|| / ||w|| of the step that led here; NaN at step 0
+        ("update_ratio", pa.float64()),  # ||step|| / ||w|| of the step that led here; NaN at step 0
         ("optimizer", pa.string()),  # the reference run's optimizer (sgd, momentum, adam, adamw, lars)
         # In the optimizer's geometry, g~ = P^(1/2) g with P = 1/(sqrt(v_hat) + eps) at this checkpoint;
         # NaN unless the optimizer is adaptive (adam, adamw)
