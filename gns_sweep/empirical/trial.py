@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gns_sweep.empirical.config import FIXED, TrialSpec
+from gns_sweep.empirical.config import TrialSpec
 from gns_sweep.optim import OptimizerSpec
 from gns_sweep.runtime import WorkerInfo
 from gns_sweep.schedule import ScheduleConfig, run_schedule
@@ -24,7 +24,7 @@ class TrialRecord:
 
     trial_id: str
     task: str
-    schedule: str  # FIXED, or GNS: the batch size followed the noise scale
+    schedule: str  # "fixed", or "gns": the batch size followed the noise scale (TrialSpec.kind)
     batch_size: int  # a schedule trial's: that of its last step
     lr: float  # a schedule trial's: that of its last step
     optimizer: str  # the optimizer's name
@@ -76,35 +76,48 @@ def run_trial(
     wall, cpu = time.perf_counter(), time.process_time()
     cfg = TrainConfig(trial.batch_size, trial.lr, budget_examples, target_loss, seed=trial.seed, optimizer=optimizer)
     r = train(task, cfg, device=worker.device)
+    n = len(r.curve_steps)
+    return _record(
+        task=task, trial=trial, r=r, target_loss=target_loss, budget_examples=budget_examples, worker=worker,
+        optimizer=optimizer, since=(wall, cpu),
+        batch_size=trial.batch_size,
+        lr=trial.lr,
+        examples_to_target=None if r.steps_to_target is None else r.steps_to_target * trial.batch_size,
+        update_ratio_max=max(r.update_ratios.values(), default=math.nan),
+        update_ratios=json.dumps(r.update_ratios),
+        curve_batch_sizes=(trial.batch_size,) * n,
+        curve_examples=tuple(s * trial.batch_size for s in r.curve_steps),
+        curve_lrs=(trial.lr,) * n,
+    )  # fmt: skip
+
+
+def _record(
+    *, task: Task, trial: TrialSpec, r, target_loss: float, budget_examples: int, worker: WorkerInfo,
+    optimizer: OptimizerSpec, since: tuple[float, float], **own,
+) -> TrialRecord:  # fmt: skip
+    """The columns every finished trial fills the same way from its run `r`; `own` holds the rest."""
     finite = [x for x in r.curve_losses if math.isfinite(x)]
     return TrialRecord(
         trial_id=trial.trial_id,
         task=task.name,
-        schedule=FIXED,
-        batch_size=trial.batch_size,
-        lr=trial.lr,
+        schedule=trial.kind,
         **optimizer_columns(optimizer),
         seed=trial.seed,
         status=r.status,
         steps=r.steps,
         steps_to_target=r.steps_to_target,
-        examples_to_target=None if r.steps_to_target is None else r.steps_to_target * trial.batch_size,
         target_loss=target_loss,
         initial_eval_loss=r.initial_eval_loss,
         final_eval_loss=r.final_eval_loss,
         best_eval_loss=min(finite) if finite else math.inf,
         budget_examples=budget_examples,
-        wall_seconds=time.perf_counter() - wall,
-        cpu_seconds=time.process_time() - cpu,
+        wall_seconds=time.perf_counter() - since[0],
+        cpu_seconds=time.process_time() - since[1],
         node_id=worker.node_id,
         device=worker.device,
-        update_ratio_max=max(r.update_ratios.values(), default=math.nan),
-        update_ratios=json.dumps(r.update_ratios),
         curve_steps=r.curve_steps,
         curve_losses=r.curve_losses,
-        curve_batch_sizes=(trial.batch_size,) * len(r.curve_steps),
-        curve_examples=tuple(s * trial.batch_size for s in r.curve_steps),
-        curve_lrs=(trial.lr,) * len(r.curve_steps),
+        **own,
     )
 
 
@@ -135,36 +148,18 @@ def _run_schedule_trial(
         optimizer=optimizer,
     )
     r = run_schedule(task, config, device=worker.device)
-    finite = [x for x in r.curve_losses if math.isfinite(x)]
-    return TrialRecord(
-        trial_id=trial.trial_id,
-        task=task.name,
-        schedule=trial.kind,
+    return _record(
+        task=task, trial=trial, r=r, target_loss=target_loss, budget_examples=budget_examples, worker=worker,
+        optimizer=optimizer, since=(wall, cpu),
         batch_size=r.curve_batch_sizes[-1],
         lr=r.curve_lrs[-1],
-        **optimizer_columns(optimizer),
-        seed=trial.seed,
-        status=r.status,
-        steps=r.steps,
-        steps_to_target=r.steps_to_target,
         examples_to_target=r.examples_to_target,
-        target_loss=target_loss,
-        initial_eval_loss=r.initial_eval_loss,
-        final_eval_loss=r.final_eval_loss,
-        best_eval_loss=min(finite) if finite else math.inf,
-        budget_examples=budget_examples,
-        wall_seconds=time.perf_counter() - wall,
-        cpu_seconds=time.process_time() - cpu,
-        node_id=worker.node_id,
-        device=worker.device,
         update_ratio_max=math.nan,  # the schedule does not measure it
         update_ratios="{}",
-        curve_steps=r.curve_steps,
-        curve_losses=r.curve_losses,
         curve_batch_sizes=r.curve_batch_sizes,
         curve_examples=r.curve_examples,
         curve_lrs=r.curve_lrs,
-    )
+    )  # fmt: skip
 
 
 def run_trial_file(
