@@ -22,8 +22,11 @@ def trial(b: int, lr: float, seed: int, status: str = "budget", curve: tuple = (
     return {
         "trial_id": f"b{b}-lr{lr:g}-s{seed}",
         "task": "t",
+        "schedule": "fixed",
         "batch_size": b,
         "lr": lr,
+        "optimizer": "sgd",
+        "optimizer_settings": '{"name": "sgd"}',
         "seed": seed,
         "status": status,
         "steps": 0 if failed else max((s for s, _ in curve), default=0),
@@ -43,6 +46,9 @@ def trial(b: int, lr: float, seed: int, status: str = "budget", curve: tuple = (
         "error": "ValueError: broken" if failed else None,
         "curve_steps": tuple(s for s, _ in curve),
         "curve_losses": tuple(x for _, x in curve),
+        "curve_batch_sizes": tuple(b for _ in curve),
+        "curve_examples": tuple(s * b for s, _ in curve),
+        "curve_lrs": tuple(lr for _ in curve),
     }
 
 
@@ -134,7 +140,8 @@ def test_a_worker_encoded_file_reads_back_as_its_row(tmp_path):
     row = trial(2, 0.4, 0, "diverged", ((0, 2.0), (1, 9.0), (2, math.inf)))
     out.write_trial_file(row["trial_id"], sd.encode_trial(row, sd.trial_metadata(SETTINGS)))
     back = read_rows(out.trial(row["trial_id"]))[0]
-    assert {**back, "curve_steps": tuple(back["curve_steps"]), "curve_losses": tuple(back["curve_losses"])} == row
+    curves = {k: tuple(v) for k, v in back.items() if k.startswith("curve_")}
+    assert {**back, **curves} == row
     assert read_settings(out.trial(row["trial_id"])) == SETTINGS
     assert out.trial_statuses() == {row["trial_id"]: "diverged"}
 
