@@ -135,6 +135,15 @@ def test_compare_sets_the_schedule_beside_the_best_fixed_batch(scheduled):
     assert (scheduled / "comparison.png").stat().st_size > 10_000
 
 
+def test_a_schedule_on_a_batchnorm_model_is_refused_before_ray(tmp_path):
+    out = tmp_path / "bn"
+    args = ["empirical", "--task", "example_tasks:batchnorm", "--batch-sizes", "4,8", "--schedule", "gns"]
+    result = invoke(*args, "--out", str(out), "--address", "127.0.0.1:1")
+    assert result.exit_code == 2, result.output
+    assert "BatchNorm1d" in result.output and "without --schedule" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
 def test_a_trial_file_from_before_the_per_point_columns_reads_as_a_fixed_trial(tmp_path):
     sweep = SweepDir(tmp_path / "old")
     old = [f for f in TRIALS_SCHEMA if f.name != "schedule"]

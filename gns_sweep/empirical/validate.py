@@ -7,6 +7,7 @@ import math
 from gns_sweep.empirical.config import SCHEDULES, EmpiricalConfig
 from gns_sweep.errors import UsageError
 from gns_sweep.optim import OptimizerSpec
+from gns_sweep.per_example import coupled_layers
 from gns_sweep.tasks import Task, check_trainable
 from gns_sweep.train import init_model
 
@@ -60,4 +61,13 @@ def validate(config: EmpiricalConfig, task: Task) -> None:
             f"--schedule {config.schedule} needs a largest batch size of at least 2 (the noise scale's variance needs "
             "two examples per step); add a larger batch size to --batch-sizes"
         )
-    check_trainable(task, init_model(task, seed=0))  # before the plan's stability probe trains it
+    model = init_model(task, seed=0)
+    check_trainable(task, model)  # before the plan's stability probe trains it
+    coupled = coupled_layers(model)
+    if config.schedule != SCHEDULES[0] and coupled:
+        name, cls = coupled[0]
+        raise UsageError(
+            f"--schedule {config.schedule} measures per-example gradients, which layer '{name}' ({cls.__name__}) "
+            f"of task '{task.name}' makes undefined by coupling the examples of a batch; run the sweep without "
+            "--schedule for this model"
+        )
