@@ -230,6 +230,7 @@ def test_the_lr_grid_scales_linearly_or_with_the_square_root_and_keeps_the_cap()
     assert lr_grid(task, 128, config, 0.03, optimizer=OptimizerSpec("adam"), base_lr=0.01) == (0.015, 0.03)
 
 
+@pytest.mark.slow  # two pilot-planned sweeps: ~35 s
 def test_a_pilot_target_needs_tens_of_steps_at_the_largest_batch(monkeypatch):
     """Without a target the pilot picks one the largest batch size cannot reach in a few steps at any lr of
     its grid, so the frontier has a large-batch end (S_min >= 10), and the middle batch size reaches it."""

@@ -12,7 +12,10 @@ import pytest
 from gns_sweep.runtime import Cluster, ClusterConfig
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],  # the same path; ~20 s each
+)
 def test_a_signal_stops_predict_cleanly(tmp_path, signum, code):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "gns_sweep_cli", "predict", "--task", "blobs-noisy", "--engine", "loop",
