@@ -20,6 +20,13 @@ and about 200 on the others), so it also sets the schedule's median run (steps
 and examples, over the seeds) beside the fixed runs' median frontier. Goal:
 steps ratio <= 0.8 on at least two tasks, across seeds.
 
+Beside each seed's measured ratio, the model's reading of that run
+(gns_sweep.schedule_model: McCandlish et al.'s model applied step by step along
+the run's own path of batch sizes and B_noise): how far B_noise varied (max/min),
+the run's steps over the best one batch size with its examples, and the floor --
+the best schedule's steps over that batch's, the least any schedule could reach
+with those examples under the model.
+
 Settings (`--variant k,every,beta`, repeatable): by default the schedule's
 defaults (k 1, a decision every step, an EMA over about 5 steps), one that
 reacts slower (a decision every 10 steps, the monitor's default EMA of about 20
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 
 from gns_sweep.empirical.planning import stable_lr
 from gns_sweep.schedule import ScheduleConfig, run_schedule
+from gns_sweep.schedule_model import floor_of
 from gns_sweep.tasks import Task, load_task
 from gns_sweep.train import TrainConfig, train
 
@@ -51,6 +59,7 @@ class Run:
     steps: int | None
     examples: int | None
     wall: float
+    model: dict | None = None  # a schedule run's schedule_model.Floor, with its spread
 
 
 def fixed_runs(task: Task, seed: int, cap: float) -> list[Run]:
@@ -83,7 +92,9 @@ VARIANTS = (DEFAULT, Variant(1.0, 10, 0.95), Variant(2.0, 1, 0.8))
 def schedule_run(task: Task, seed: int, cap: float, v: Variant) -> Run:
     config = ScheduleConfig.from_task(task, seed=seed, lr_max=cap, k=v.k, every=v.every, beta=v.beta)
     r = run_schedule(task, config)
-    return Run("gns", r.steps_to_target, r.examples_to_target, r.wall_seconds)
+    f = floor_of(r, config)
+    model = {**f.__dict__, "spread": f.spread}
+    return Run("gns", r.steps_to_target, r.examples_to_target, r.wall_seconds, model)
 
 
 def best_fixed(fixed: list[Run], examples: int | None) -> Run | None:
@@ -139,18 +150,21 @@ def show(result: dict) -> None:
     for variant in result["variants"]:
         print(f" schedule: {variant['label']}")
         head = " seed   gns steps  examples   wall |  best fixed  steps  examples   wall |"
-        print(head + "  steps  examples   wall (gns/fixed)")
-        ratios = []
+        print(head + "  steps  examples   wall (gns/fixed) | B_noise max/min  model: run  floor")
+        ratios, floors = [], []
         for row in variant["seeds"]:
             g, b = row["gns"], row["best_fixed"]
             left = f" {row['seed']:>4}  {_n(g['steps']):>10}  {_n(g['examples']):>8}  {g['wall']:5.1f}s |"
+            m = g["model"]
+            right = f" | {m['spread']:15.3g}  {m['run_ratio']:10.2f}  {m['sqrt_ratio']:5.2f}"
+            floors.append(m["sqrt_ratio"])
             if b is None or "steps_ratio" not in row:
-                print(left + "  no fixed batch size reached the target with no more examples")
+                print(left + "  no fixed batch size reached the target with no more examples" + right)
                 continue
             ratios.append(row["steps_ratio"])
             print(
                 left + f"  {'B=' + b['batch']:>10}  {b['steps']:>5}  {b['examples']:>8}  {b['wall']:5.1f}s |"
-                f"  {row['steps_ratio']:5.2f}  {row['examples_ratio']:8.2f}  {row['wall_ratio']:5.2f}"
+                f"  {row['steps_ratio']:5.2f}  {row['examples_ratio']:8.2f}  {row['wall_ratio']:5.2f}" + right
             )
         if ratios:
             met = len(ratios) == len(variant["seeds"]) and all(r <= GOAL for r in ratios)
@@ -158,6 +172,10 @@ def show(result: dict) -> None:
                 f" steps ratio {min(ratios):.2f}-{max(ratios):.2f} (median {statistics.median(ratios):.2f}) over "
                 f"{len(ratios)} seeds: goal <= {GOAL} {'met' if met else 'missed'}"
             )
+        print(
+            f" model floor {min(floors):.2f}-{max(floors):.2f} (median {statistics.median(floors):.2f}): the least "
+            "steps ratio any schedule reaches with the run's examples, under the model"
+        )
         m = variant["median"]
         if m is not None and "steps_ratio" in m:
             g, b = m["gns"], m["best_fixed"]

@@ -16,7 +16,8 @@ as 2B, one power of two up: with k = 1 the batch doubles. The run stops at
 the eval-loss target, at divergence, or before a step that would pass the
 budget of examples. It is evaluated on train.eval_due's schedule, and the
 result keeps, per evaluated step, the batch size, the examples so far, the lr
-and B_noise beside the eval loss.
+and B_noise beside the eval loss, and per step its batch size and B_noise
+(gns_sweep.schedule_model reads the run's path from them).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class ScheduleResult:
     curve_lrs: tuple[float, ...]  # the lr of each evaluated step (step 0: the first batch's)
     curve_b_noise: tuple[float, ...]  # the monitor's smoothed B_simple after each evaluated step (NaN at step 0)
     decisions: tuple[Decision, ...]  # every batch-size decision, in order
+    step_batch_sizes: tuple[int, ...] = ()  # the batch size of every step taken (steps 1 .. steps)
+    step_b_noise: tuple[float, ...] = ()  # the monitor's smoothed B_simple after every step (NaN: unresolved)
 
 
 def nearest_power_of_two(x: float) -> int:
@@ -183,6 +186,8 @@ def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> 
     curve = _Curve(eval_loss(model, task, device=device), config.target_loss)
     trajectory = _Trajectory(batch, lr)
     decisions: list[Decision] = []
+    step_sizes: list[int] = []
+    step_noise: list[float] = []
     step = examples = 0
     stop = curve.steps_to_target is not None  # the initial weights already reach the target
     while not stop and examples + batch <= config.budget_examples:
@@ -195,14 +200,16 @@ def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> 
             loss = monitor.forward_backward(x_all[idx], y_all[idx])
         else:
             loss = _accumulate(monitor, task, model, x_all[idx], y_all[idx], config.micro_batches)
+        b_noise = monitor.b_simple()
+        step_sizes.append(batch)
+        step_noise.append(b_noise)
         if not torch.isfinite(loss):
             curve.add(step, math.inf)
-            trajectory.add(batch, examples, lr, monitor.b_simple())
+            trajectory.add(batch, examples, lr, b_noise)
             break
         stepper.step()
         stepped_batch, stepped_lr = batch, lr
         if step % config.every == 0:
-            b_noise = monitor.b_simple()
             batch = choose_batch(b_noise, batch, config)
             lr = lr_for(batch, config)
             _set_lr(stepper, lr)
@@ -210,7 +217,7 @@ def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> 
         last = examples + batch > config.budget_examples  # the next step would pass the budget
         if eval_due(step) or last:
             stop = curve.add(step, eval_loss(model, task, device=device))
-            trajectory.add(stepped_batch, examples, stepped_lr, monitor.b_simple())
+            trajectory.add(stepped_batch, examples, stepped_lr, b_noise)
     r = curve.result(step, {})
     to_target = r.steps_to_target
     return ScheduleResult(
@@ -229,6 +236,8 @@ def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> 
         curve_lrs=tuple(trajectory.lrs),
         curve_b_noise=tuple(trajectory.b_noise),
         decisions=tuple(decisions),
+        step_batch_sizes=tuple(step_sizes),
+        step_b_noise=tuple(step_noise),
     )
 
 

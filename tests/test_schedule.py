@@ -42,6 +42,13 @@ def check_decisions(result, config):
         before = [d for d in result.decisions if d.step < step]
         assert b == (before[-1].batch_size if before else config.floor)
         assert lr == lr_for(b, config)
+        assert result.step_batch_sizes[step - 1] == b
+    # every step's batch size and reading: the examples add up, and each decision read the value of its step
+    assert len(result.step_batch_sizes) == len(result.step_b_noise) == result.steps
+    assert sum(result.step_batch_sizes) == result.examples
+    for d in result.decisions:
+        read = result.step_b_noise[d.step - 1]
+        assert read == d.b_noise or (math.isnan(read) and math.isnan(d.b_noise))
 
 
 @pytest.mark.parametrize("estimator", ["per-example", MICRO_BATCH])
