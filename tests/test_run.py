@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -31,6 +33,18 @@ def test_run_writes_everything_and_resumes(ray_address, tmp_path):
     assert again.exit_code == 0, again.output
     assert "kept" in again.output and "4 already on disk" in again.output
     pd.testing.assert_frame_equal(pd.read_parquet(out / "trials.parquet"), first)
+
+    # a predict.parquet from before the optimizer was recorded trained plain SGD: kept for an SGD run only
+    table = pq.read_table(out / "predict.parquet")
+    meta = dict(table.schema.metadata)
+    recorded = json.loads(meta[b"gns_sweep.settings"])
+    del recorded["optimizer"]
+    meta[b"gns_sweep.settings"] = json.dumps(recorded).encode()
+    pq.write_table(table.replace_schema_metadata(meta), out / "predict.parquet")
+    kept = runner.invoke(app, ["run", *TINY, "--out", str(out), "--address", ray_address, "--resume"])
+    assert kept.exit_code == 0 and "kept" in kept.output, kept.output
+    momentum = runner.invoke(app, ["run", *TINY, "--optimizer", "momentum", "--out", str(out), "--resume"])
+    assert momentum.exit_code == 2 and "differs in: optimizer" in momentum.output, momentum.output
 
     # --resume never replaces a different predict run; it refuses and names what differs
     other = [a if a != "256" else "128" for a in TINY]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from gns_sweep import __version__
 from gns_sweep.optim import OptimizerSpec
 from gns_sweep.per_example import DEFAULT_ENGINE, DEFAULT_MICRO_BATCH
 from gns_sweep.runtime import DEFAULT_MAX_RETRIES
+from gns_sweep.storage import stored_settings
 
 DEFAULT_PROBE = 512  # probe examples per checkpoint when the task has that many
 PER_EXAMPLE = "per-example"  # samples are single examples' gradients (needs no layer coupling examples)
@@ -48,6 +50,15 @@ def settings(config: PredictConfig) -> dict:
     kept = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
     kept["optimizer"] = None if config.optimizer is None else config.optimizer.key()  # the settings it reads
     return {"command": "predict", "version": __version__, **kept}
+
+
+def recorded_settings(path: Path) -> dict | None:
+    """The settings a predict.parquet records. One written before the optimizer was recorded trained plain
+    SGD, so it is read as such and a plain-SGD run can resume it."""
+    stored = stored_settings(path)
+    if stored is not None and stored.get("command") == "predict" and "optimizer" not in stored:
+        stored = {**stored, "optimizer": OptimizerSpec().key()}
+    return stored
 
 
 def sample_size(config: PredictConfig) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 from gns_sweep import stats as st
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example import ParamLayout, param_layout
-from gns_sweep.predict.config import MICRO_BATCH, PredictConfig, sample_size, settings
+from gns_sweep.predict.config import MICRO_BATCH, PredictConfig, recorded_settings, sample_size, settings
 from gns_sweep.predict.reference import ReferenceRun, reference_run
 from gns_sweep.predict.report import LayerFlag, layer_flags, snr_histogram
 from gns_sweep.predict.shards import Unit, assign, edges, micro_batches, probe_indices
@@ -31,7 +31,6 @@ from gns_sweep.storage import (
     check_output,
     read_rows,
     settings_diff,
-    stored_settings,
     write_table,
 )
 from gns_sweep.tasks import Task, load_task
@@ -87,7 +86,7 @@ def prepare_predict(
         return job
     if resume and out.predict.exists():
         return _resumed(job)
-    check_output(out.predict, settings(config), overwrite=overwrite)
+    check_output(out.predict, settings(config), overwrite=overwrite, recorded=recorded_settings)
     return job
 
 
@@ -98,7 +97,7 @@ def _resumed(job: PredictJob) -> PredictJob:
         done, planned = {r["checkpoint"] for r in rows}, max(r["n_checkpoints"] for r in rows)
     except Exception as exc:  # any damage: the file is only a cache of work that can be redone
         return PredictJob(job.task, job.config, job.out, note=f"cannot read {path} ({type(exc).__name__})")
-    changed = settings_diff(stored_settings(path), settings(job.config))
+    changed = settings_diff(recorded_settings(path), settings(job.config))
     if changed:
         raise UsageError(
             f"{path} holds a different predict run (differs in: {', '.join(changed)}); with --resume repeat "

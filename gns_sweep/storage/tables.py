@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +140,19 @@ def stored_settings(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_output(path: Path, settings: Mapping[str, Any], *, overwrite: bool) -> None:
-    """Refuse to replace a file made by a different run unless overwrite is set."""
+def check_output(
+    path: Path,
+    settings: Mapping[str, Any],
+    *,
+    overwrite: bool,
+    recorded: Callable[[Path], Mapping[str, Any] | None] = stored_settings,
+) -> None:
+    """Refuse to replace a file made by a different run unless overwrite is set. recorded: reads the file's
+    settings (a command may fill in settings that files of older versions did not record)."""
     path = Path(path)
     if overwrite or not path.exists():
         return
-    changed = settings_diff(stored_settings(path), settings)
+    changed = settings_diff(recorded(path), settings)
     if changed:
         raise UsageError(
             f"{path} already holds a different run (differs in: {', '.join(changed)}); choose another --out "
