@@ -19,8 +19,13 @@ Two estimators, chosen by how the monitor is made (docs/monitor.md has the examp
   two linear equations whose solution is unbiased for both; for k equal micro-batches it is McCandlish
   et al.'s two-batch estimator with B_small = b and B_big = k b (`two_batch_estimate`). No per-example
   work: a few passes over the parameters per micro-batch.
+- **data-parallel** (`GnsMonitor(ddp_model)`, a DistributedDataParallel model): the same estimator with
+  the ranks as the micro-batches. A DDP communication hook takes, per parameter tensor, the squared norm
+  of the rank's local gradient (the step's, accumulated under `no_sync()` or not) before the usual
+  averaging all-reduce; `update(n)` ends the step with one all-reduce of those norms (G + 3 numbers) and
+  solves with the averaged `.grad` as S, c_r = 1/world and b_r each rank's examples.
 
-Both produce, per parameter tensor, one unbiased |G|^2 and tr(Sigma) per step. Each is smoothed by an
+All three produce, per parameter tensor, one unbiased |G|^2 and tr(Sigma) per step. Each is smoothed by an
 exponential moving average, numerator and denominator separately, and a scope's B_simple is the ratio
 of its smoothed sums: one step's ratio of two noisy unbiased estimates is biased and heavy-tailed
 when its |G|^2 is near zero, while their averages stay unbiased and their ratio steadier. The averages
@@ -39,7 +44,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from gns_sweep.errors import UsageError
 from gns_sweep.per_example.base import LossFn, check_losses, couples, coupling_candidates
@@ -49,6 +56,7 @@ from gns_sweep.results import TOTAL
 
 PER_EXAMPLE = "per-example"  # forward_backward: the fast engine's per-example norms
 MICRO_BATCH = "micro-batch"  # micro_batch / update: the gradients of the micro-batches of accumulation
+DATA_PARALLEL = "data-parallel"  # a DDP comm hook / update(n): the ranks' local gradients
 DEFAULT_BETA = 0.95  # EMA decay per update: a window of about 1 / (1 - beta) = 20 updates
 
 
@@ -85,10 +93,16 @@ def accumulation_estimate(
     """(|G|^2, tr(Sigma)), each (G,), from the k micro-batches of one step (module docstring).
 
     part_sq: (k, G) ||d_j||^2 per micro-batch and parameter tensor, d_j = scales[j] m_j the gradient micro-batch
-    j added; total_sq: (G,) ||sum_j d_j||^2; sizes: b_j, the micro-batches' examples."""
+    j added, or (G,) their sum over the micro-batches, which is all the estimate needs (e.g. all-reduced over
+    data-parallel ranks); total_sq: (G,) ||sum_j d_j||^2; sizes: b_j, the micro-batches' examples."""
     c1, c2 = math.fsum(scales), math.fsum(c * c for c in scales)
     t = math.fsum(c * c / b for c, b in zip(scales, sizes, strict=True))
-    a1 = part_sq.sum(0)  # (G,)
+    a1 = part_sq.sum(0) if part_sq.dim() == 2 else part_sq  # (G,)
+    return _solve(a1, total_sq, c1, c2, t)
+
+
+def _solve(a1: torch.Tensor, total_sq: torch.Tensor, c1, c2, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two equations of the module docstring, a1 = sum_j ||d_j||^2; c1, c2, t floats or 0-d tensors."""
     g2 = (total_sq - a1) / (c1 * c1 - c2)
     return g2, (a1 - c2 * g2) / t
 
@@ -97,13 +111,22 @@ class GnsMonitor:
     """The noise scale of a model trained in the user's own loop (module docstring; docs/monitor.md).
 
     Make it after the model is built, with `loss` (per-example losses, shape (N,)) for the per-example
-    estimator, or without for the micro-batch one. Read it with `b_simple()`, `read()` or `read_all()`."""
+    estimator, or without for the micro-batch one; made with a DistributedDataParallel model (after
+    init_process_group and before the first backward), it is the data-parallel one, and registers a
+    communication hook on that model. Read it with `b_simple()`, `read()` or `read_all()`."""
 
     def __init__(
         self, model: nn.Module, loss: LossFn | None = None, *, beta: float = DEFAULT_BETA, every: int = 1
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"GnsMonitor needs the torch model (an nn.Module), got {type(model).__name__}")
+        ddp = model if isinstance(model, DistributedDataParallel) else None
+        if ddp is not None and loss is not None:
+            raise UsageError(
+                "the per-example estimator does not run under DistributedDataParallel; make the monitor without "
+                "loss=, GnsMonitor(ddp_model), and call update(n) after each step's backward"
+            )
+        model = model if ddp is None else ddp.module  # scopes named as in the wrapped model
         if loss is not None and not callable(loss):
             raise UsageError(f"loss must be a function (outputs, targets) -> per-example losses (N,), got {loss!r}")
         if not (isinstance(beta, int | float) and 0 <= beta < 1):
@@ -115,7 +138,7 @@ class GnsMonitor:
         except ValueError:
             raise UsageError("the model has no trainable parameters; the monitor measures their gradients") from None
         self.model = model
-        self.estimator = PER_EXAMPLE if loss is not None else MICRO_BATCH
+        self.estimator = PER_EXAMPLE if loss is not None else MICRO_BATCH if ddp is None else DATA_PARALLEL
         self.beta = float(beta)
         self.every = every  # forward_backward measures its 1st, (every+1)th, ... call; the others are plain
         self._calls = 0
@@ -133,6 +156,15 @@ class GnsMonitor:
         self._parts: list[torch.Tensor] = []  # per micro-batch of this step: (G,) ||d_j||^2
         self._sizes: list[int] = []  # b_j
         self._scales: list[float | None] = []  # c_j as given (None: b_j / B)
+        self._group = None  # data-parallel: the DDP model's process group
+        self._world = 0  # data-parallel: its number of ranks
+        self._index: dict[int, int] = {}  # data-parallel: id(parameter) -> its place in the layout
+        self._bucket_groups: dict[tuple[int, ...], torch.Tensor] = {}  # layout places of a bucket's tensors
+        self._local: torch.Tensor | None = None  # data-parallel: (G,) float64 ||local grad||^2, this step
+        self._buckets: set[int] = set()  # data-parallel: the buckets all-reduced in this step
+        self._twice = False  # data-parallel: a bucket was all-reduced twice in this step
+        if ddp is not None:
+            self._attach(ddp)
 
     # --- per-example ------------------------------------------------------------------------------
 
@@ -143,6 +175,11 @@ class GnsMonitor:
         would, and folds this batch's |G|^2 and tr(Sigma) into the monitor. Returns the mean loss (0-d,
         detached). With `every` = m > 1, only one call in m measures; the others are a plain forward and
         backward, and cost no more than one."""
+        if self.estimator == DATA_PARALLEL:
+            raise UsageError(
+                "forward_backward() is the per-example estimator, which does not run under DistributedDataParallel; "
+                "run the loop's own forward and backward through the DDP model and call update(n) after it"
+            )
         if self._engine is None:
             raise UsageError(
                 "forward_backward needs the per-example loss: make the monitor with GnsMonitor(model, loss=fn), "
@@ -191,6 +228,11 @@ class GnsMonitor:
             raise UsageError(
                 "this monitor measures per-example norms in forward_backward(); for the micro-batch estimator "
                 "make it without loss=: GnsMonitor(model)"
+            )
+        if self.estimator == DATA_PARALLEL:
+            raise UsageError(
+                "under DistributedDataParallel the ranks are the micro-batches: run a step's micro-batches but the "
+                "last under ddp_model.no_sync(), and call update(n) once, n this rank's examples in the step"
             )
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UsageError(f"micro_batch(n) takes the micro-batch's number of examples, a positive int; got {n!r}")
@@ -244,11 +286,24 @@ class GnsMonitor:
             self._seen[g] = True
         return sq
 
-    def update(self) -> None:
-        """End the step: fold the estimate from its micro-batches into the monitor. Call it after the
-        step's last micro_batch(), before the next step's zero_grad()."""
+    def update(self, n: int | None = None, *, scale: float | None = None) -> None:
+        """End the step: fold its estimate into the monitor. Call it after the step's last backward (and
+        micro_batch()), before the next step's zero_grad().
+
+        Data-parallel only (a monitor made with a DDP model), and then on every rank: n, this rank's examples
+        in the step (of all its micro-batches); scale, what the loop multiplied the mean loss of those n
+        examples by (default 1: the rank's local gradient is their mean gradient, as a mean loss, or k
+        micro-batches' mean losses each divided by k, leave it)."""
         if self._engine is not None:
             raise UsageError("update() ends a step of micro-batches; this monitor updates in forward_backward()")
+        if self.estimator == DATA_PARALLEL:
+            self._update_ranks(n, 1.0 if scale is None else scale)
+            return
+        if n is not None or scale is not None:
+            raise UsageError(
+                "update() takes no arguments with micro-batches: give each micro-batch's size and scale to "
+                "micro_batch(n, scale=...)"
+            )
         k = len(self._parts)
         if k < 2:
             raise UsageError(
@@ -268,12 +323,107 @@ class GnsMonitor:
         self._seen = [False] * len(self._params)
         self._fold(g2, trace)
 
+    # --- data-parallel ----------------------------------------------------------------------------
+
+    def _attach(self, ddp: DistributedDataParallel) -> None:
+        """Register the hook that measures each rank's local gradient on the DDP model."""
+        ignored = [name for name in self.layout.names if name in ddp.parameters_to_ignore]
+        if ignored:
+            raise UsageError(
+                f"DDP does not all-reduce the gradient of '{ignored[0]}' (parameters_to_ignore), so the ranks' "
+                "gradients differ; freeze it (requires_grad=False) or let DDP synchronize it"
+            )
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
+                raise UsageError(
+                    f"layer '{name}' has sparse gradients, which the data-parallel estimator does not read; "
+                    "make it with sparse=False"
+                )
+        hooked = UsageError(
+            "the DDP model already has a communication hook; the monitor registers its own (DDP's default "
+            "averaging all-reduce, after measuring): make the monitor with a DDP model that has none"
+        )
+        if getattr(ddp, "_comm_hooks", None):
+            raise hooked
+        self._group = ddp.process_group
+        self._world = dist.get_world_size(self._group)
+        if self._world < 2:
+            raise UsageError(
+                f"the DDP model's process group has {self._world} rank; the ranks are the estimator's micro-batches "
+                "and it needs 2 or more: in one process use GnsMonitor(model) with gradient accumulation"
+            )
+        # imported here: it needs a torch built with torch.distributed, which only a DDP model implies
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self._allreduce = allreduce_hook  # DDP's result without a hook: the mean over the ranks
+        self._index = {id(p): g for g, p in enumerate(self._params)}
+        try:
+            ddp.register_comm_hook(self._group, self._measure_bucket)
+        except RuntimeError:  # a built-in hook (register_builtin_comm_hook) is not in _comm_hooks
+            raise hooked from None
+
+    def _measure_bucket(self, group, bucket):  # no annotations: DDP checks them, and these would be strings
+        """DDP's comm hook (group: a ProcessGroup, bucket: a GradBucket; returns a Future): add the squared norms
+        of this rank's local gradients in the bucket to the step's (G,), then average the bucket over the ranks
+        as DDP does without a hook (allreduce_hook)."""
+        with torch.no_grad():
+            grads = bucket.gradients()  # views of bucket.buffer(), which holds the local gradients until reduced
+            key = tuple(self._index[id(p)] for p in bucket.parameters())
+            groups = self._bucket_groups.get(key)
+            if groups is None:  # buckets are fixed after DDP's first iteration: a handful of these per run
+                groups = self._bucket_groups[key] = torch.tensor(key, device=grads[0].device)
+            sq = _sq_norms(grads, None, len(grads), float64=False)  # (bucket's tensors,)
+            if self._local is None:
+                self._local = torch.zeros(len(self._params), dtype=torch.float64, device=sq.device)
+            self._local.index_add_(0, groups, sq)
+            self._twice |= bucket.index() in self._buckets
+            self._buckets.add(bucket.index())
+        return self._allreduce(group, bucket)
+
+    def _update_ranks(self, n: int | None, scale: float) -> None:
+        """update() of the data-parallel estimator: k = world size micro-batches, d_r = (local grad of rank r)
+        / world, S = .grad; one all-reduce of sum_r ||local_r||^2 and rank r's c_r, c_r^2, c_r^2 / b_r."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UsageError(
+                f"with DDP, update(n) takes this rank's number of examples in the step (all its micro-batches), "
+                f"a positive int; got {n!r}"
+            )
+        if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+            raise UsageError(f"scale must be a finite number > 0 (the factor on the rank's mean loss), got {scale!r}")
+        local, twice = self._local, self._twice
+        self._local, self._buckets, self._twice = None, set(), False
+        if local is None:
+            raise UsageError(
+                "update() found no all-reduced gradient since the last update; call it after the step's backward "
+                "outside ddp_model.no_sync(), on every rank"
+            )
+        if twice:
+            raise UsageError(
+                "more than one backward of this step all-reduced the gradients; run every micro-batch but the last "
+                "under ddp_model.no_sync(), and call update(n) once per step"
+            )
+        now = [p.grad for p in self._params]
+        present = [g for g, grad in enumerate(now) if grad is not None]  # None: unused on every rank
+        if not present:
+            raise UsageError("update() found no gradient; call it after the step's backward, before zero_grad()")
+        g_count, w = len(self._params), self._world
+        with torch.no_grad():
+            c = scale / w
+            coefs = torch.tensor([c, c * c, c * c / n], dtype=torch.float64).to(local.device)
+            summed = torch.cat([local, coefs])  # (G + 3,)
+            dist.all_reduce(summed, group=self._group)  # the sum over the ranks
+            groups = None if len(present) == g_count else present
+            total_sq = _sq_norms([now[g] for g in present], groups, g_count, float64=False)  # (G,) ||S||^2
+            c1, c2, t = summed[g_count:]
+            g2, trace = _solve(summed[:g_count] / (w * w), total_sq, c1, c2, t)
+        self._fold(g2, trace)
+
     # --- any estimator ----------------------------------------------------------------------------
 
     def observe(self, grad_sq_norm: torch.Tensor, trace_sigma: torch.Tensor) -> None:
         """Fold in one update's unbiased estimates from elsewhere, (G,) per parameter tensor in the order of
-        `layout.names`: e.g. `two_batch_estimate` of one data-parallel rank's local gradient against the
-        all-reduced one."""
+        `layout.names`: e.g. `accumulation_estimate` of a data-parallel loop that all-reduces by itself
+        (docs/monitor.md)."""
         g = len(self._params)
         g2, trace = torch.as_tensor(grad_sq_norm), torch.as_tensor(trace_sigma)
         if g2.shape != (g,) or trace.shape != (g,):
