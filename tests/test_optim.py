@@ -198,27 +198,30 @@ START_LOSS = 0.5 * float((CURV * START_SQ).sum())
 SIZES = [2**k for k in range(2, 11)]  # batch sizes 4 ... 1024
 
 
-def _second_moments(momentum: float, lrs: list[float], sizes: list[int], steps: int) -> np.ndarray:
+def _second_moments(
+    momentum: float, lrs: list[float], sizes: list[int], steps: int, curv: np.ndarray = CURV
+) -> np.ndarray:
     """E[w_k^2] at steps 0..steps (steps + 1, configs, d) of heavy ball v <- m v + g, w <- w - lr v (m = 0: SGD)
-    for every (batch size, lr), exactly: the second moments of (w, v) per coordinate follow a linear recursion."""
+    for every (batch size, lr), exactly: the second moments of (w, v) per coordinate follow a linear recursion.
+    curv: h_k, with noise 20 h_k and w_k(0)^2 = 1 / h_k as CURV has."""
     lr = np.array([[x] for _ in sizes for x in lrs])  # (K, 1)
-    q = np.array([[1.0 / b] for b in sizes for _ in lrs]) * NOISE  # (K, d): noise variance of a batch
-    a, b = 1 - lr * CURV, -lr * momentum  # w' = a w + b v - lr n;  v' = h w + m v + n
-    ww, wv, vv = np.tile(START_SQ, (len(lr), 1)), np.zeros((len(lr), len(CURV))), np.zeros((len(lr), len(CURV)))
+    q = np.array([[1.0 / b] for b in sizes for _ in lrs]) * 20.0 * curv  # (K, d): noise variance of a batch
+    a, b = 1 - lr * curv, -lr * momentum  # w' = a w + b v - lr n;  v' = h w + m v + n
+    ww, wv, vv = np.tile(1 / curv, (len(lr), 1)), np.zeros((len(lr), len(curv))), np.zeros((len(lr), len(curv)))
     out = [ww]
     with np.errstate(over="ignore", invalid="ignore"):
         for _ in range(steps):
             ww, wv, vv = (
                 a * a * ww + 2 * a * b * wv + b * b * vv + lr**2 * q,
-                a * CURV * ww + (a * momentum + b * CURV) * wv + b * momentum * vv - lr * q,
-                CURV**2 * ww + 2 * CURV * momentum * wv + momentum**2 * vv + q,
+                a * curv * ww + (a * momentum + b * curv) * wv + b * momentum * vv - lr * q,
+                curv**2 * ww + 2 * curv * momentum * wv + momentum**2 * vv + q,
             )
             out.append(ww)
     return np.array(out)
 
 
-def _losses(ww: np.ndarray) -> np.ndarray:
-    return 0.5 * (CURV * ww).sum(-1)  # E[L]
+def _losses(ww: np.ndarray, curv: np.ndarray = CURV) -> np.ndarray:
+    return 0.5 * (curv * ww).sum(-1)  # E[L]
 
 
 def _steps_to(losses: np.ndarray, target: float) -> np.ndarray:
@@ -227,16 +230,16 @@ def _steps_to(losses: np.ndarray, target: float) -> np.ndarray:
     return np.where(hit.any(0), hit.argmax(0).astype(float), np.inf)
 
 
-def _best_steps(losses: np.ndarray, lrs: list[float], target: float) -> np.ndarray:
+def _best_steps(losses: np.ndarray, lrs: list[float], target: float, sizes: list[int] = SIZES) -> np.ndarray:
     """Steps to target at each batch size's best lr: (batch sizes,)."""
-    return _steps_to(losses, target).reshape(len(SIZES), len(lrs)).min(1)
+    return _steps_to(losses, target).reshape(len(sizes), len(lrs)).min(1)
 
 
-def _b_simple(ww: np.ndarray, target: float) -> float:
+def _b_simple(ww: np.ndarray, target: float, curv: np.ndarray = CURV) -> float:
     """tr(Sigma) / |G|^2 of one run (ww: (steps + 1, d)), numerator and denominator averaged over the run from
     its start to the target, as predict's headline does; |G|^2 = sum_k h_k^2 E[w_k^2]."""
-    end = int(_steps_to(_losses(ww)[:, None], target)[0])
-    return float(NOISE.sum() / (CURV**2 * ww[: end + 1]).sum(-1).mean())
+    end = int(_steps_to(_losses(ww, curv)[:, None], target)[0])
+    return float(20.0 * curv.sum() / (curv**2 * ww[: end + 1]).sum(-1).mean())
 
 
 def test_the_exact_moments_are_what_torch_s_momentum_does():
@@ -277,6 +280,32 @@ def test_momentum_at_the_matched_lr_gives_sgd_s_frontier_and_b_simple():
     raw = _steps_to(_losses(_second_moments(m, slow, SIZES, steps)), target)  # momentum at lr eta itself
     unmatched = _steps_to(_losses(sgd[:, :: len(lrs)]), target) / raw  # (batch sizes,) SGD's steps / its steps
     assert (unmatched[SIZES.index(32) :] > 5).all(), unmatched
+
+
+def test_tuned_momentum_raises_b_crit_where_curvature_limits_large_batches():
+    """Past small lr, with the lr tuned per batch size: on an ill-conditioned quadratic (curvatures 1 ... 0.001)
+    heavy ball reaches the target in about 3x fewer steps at the largest batches and as many at the smallest,
+    so its B_crit is about 3x SGD's, while B_simple along a batch-8 run is the same (within 15%). On CURV (curvatures
+    1 ... 0.03) the two frontiers stay within 15%. B_simple, a statistic of the gradients alone, cannot tell
+    these apart: where it falls short of a momentum sweep's B_crit, this is why."""
+    lrs, m, sizes = [0.025 * 2**k for k in range(10)], 0.9, [2**k for k in range(2, 13)]  # effective lrs to 12.8
+    ratios = {}
+    for name, curv in (("ill", np.array([1.0, 0.1, 0.01, 0.001])), ("mild", CURV)):
+        target = 0.3 * 0.5 * len(curv)  # 30% of the start
+        sgd = _second_moments(0.0, lrs, sizes, 1500, curv)
+        heavy = _second_moments(m, [x * (1 - m) for x in lrs], sizes, 1500, curv)
+        s_sgd = _best_steps(_losses(sgd, curv), lrs, target, sizes)
+        s_heavy = _best_steps(_losses(heavy, curv), lrs, target, sizes)
+        assert np.isfinite(s_sgd).all() and np.isfinite(s_heavy).all()
+        assert s_heavy[0] == pytest.approx(s_sgd[0], rel=0.1)  # the noise-limited end: the same
+        ratios[name] = (
+            fit_frontier(sizes, s_heavy).b_crit / fit_frontier(sizes, s_sgd).b_crit,
+            s_sgd[-1] / s_heavy[-1],
+        )
+        at_8 = sizes.index(8) * len(lrs) + lrs.index(0.05)
+        assert _b_simple(heavy[:, at_8], target, curv) == pytest.approx(_b_simple(sgd[:, at_8], target, curv), rel=0.15)
+    assert ratios["ill"][0] > 2.5 and ratios["ill"][1] > 2.5, ratios
+    assert ratios["mild"][0] == pytest.approx(1.0, abs=0.15), ratios
 
 
 @pytest.mark.parametrize("command", ["predict", "empirical", "run"])
