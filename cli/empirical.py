@@ -70,12 +70,16 @@ def describe_plan(p: Plan) -> None:
             else ""
         )
         + (f"; centre lr capped at {p.lr_cap:.3g} (half the largest stable lr)" if p.lr_cap else "")
-        + (
-            f"; of them {len(p.seeds)} schedule trials (one per seed) whose batch follows the noise scale "
-            f"(nearest power of two to {p.schedule_k:g} x B_noise, {min(p.batch_sizes)}..{max(p.batch_sizes)})"
-            if p.schedule == GNS
-            else ""
-        )
+        + (_schedule_line(p) if p.schedule == GNS else "")
+    )
+
+
+def _schedule_line(p: Plan) -> str:
+    spec = next(t.schedule for t in p.trials if t.schedule is not None)
+    return (
+        f"; of them {len(p.seeds)} schedule trials (one per seed) whose batch follows the noise scale "
+        f"(nearest power of two to {p.schedule_k:g} x B_noise, {spec.floor}..{spec.ceiling}, {spec.estimator} "
+        "estimator)"
     )
 
 

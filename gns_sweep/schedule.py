@@ -3,7 +3,8 @@
 The optimizer of train.py's runs (plain SGD unless the config names another,
 applied by train.Stepper), from the seed's initial weights and in the seed's
 data order (train.batches' permutations, taken however many examples a
-step needs), with a GnsMonitor doing every step's backward. Every `every`
+step needs), with a GnsMonitor doing every step's backward (per-example norms,
+or micro-batches of gradient accumulation: ScheduleConfig.estimator). Every `every`
 steps (default: every step) the batch size becomes the power of two nearest k * B_noise, B_noise
 being the monitor's smoothed B_simple of the whole model, clamped to
 [floor, ceiling]; the lr follows the batch by the optimizer's rule (linear
@@ -27,10 +28,12 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from gns_sweep.errors import UsageError
 from gns_sweep.monitor import MICRO_BATCH, PER_EXAMPLE, GnsMonitor
 from gns_sweep.optim import LINEAR, SQRT, OptimizerSpec
+from gns_sweep.per_example import coupled_layers
 from gns_sweep.tasks import Task
 from gns_sweep.train import Stepper, _Curve, batches, eval_due, eval_loss, init_model
 
@@ -67,8 +70,7 @@ class ScheduleConfig:
         """The task's lr, optimizer, small batch, budget and target, between the ends of its sweep grid (the
         floor raised to the fewest examples the estimator can measure). task.lr is for the task's own optimizer:
         with another, give its lr too (train.reference_lr matches one)."""
-        micro = changes.get("micro_batches", cls.micro_batches)
-        least = 2 if changes.get("estimator", cls.estimator) == PER_EXAMPLE else max(2, micro)
+        least = smallest_batch(changes.get("estimator", cls.estimator), changes.get("micro_batches", cls.micro_batches))
         base = cls(
             lr=task.lr,
             base_batch=task.batch_size,
@@ -114,6 +116,22 @@ class ScheduleResult:
     step_b_noise: tuple[float, ...] = ()  # the monitor's smoothed B_simple after every step (NaN: unresolved)
 
 
+def smallest_batch(estimator: str, micro_batches: int, *, coupled: bool = False) -> int:
+    """The fewest examples a step of the estimator measures: 2 per-example (a variance needs two samples); one
+    per micro-batch, at least 2 of them; two per micro-batch where a layer couples the examples (BatchNorm in
+    train mode cannot normalise one example)."""
+    if estimator == PER_EXAMPLE:
+        return 2
+    return max(2, micro_batches) * (2 if coupled else 1)
+
+
+def estimator_for(model: nn.Module) -> str:
+    """The estimator a sweep's schedule trial measures with: per-example norms, or micro-batches of gradient
+    accumulation for a model whose layers couple the examples of a batch (BatchNorm in train mode), which has no
+    per-example gradients. With micro-batches such a layer normalises each micro-batch on its own."""
+    return MICRO_BATCH if coupled_layers(model) else PER_EXAMPLE
+
+
 def nearest_power_of_two(x: float) -> int:
     """2^round(log2 x): the nearest power of two on a log scale (1 for x <= 1)."""
     return 1 if x <= 1 else 2 ** round(math.log2(x))
@@ -142,7 +160,7 @@ def check_config(config: ScheduleConfig) -> None:
 
     for name in ("base_batch", "floor", "ceiling", "budget_examples", "every", "micro_batches"):
         positive_int(name, getattr(config, name))
-    least = 2 if config.estimator == PER_EXAMPLE else max(2, config.micro_batches)
+    least = smallest_batch(config.estimator, config.micro_batches)
     if config.estimator not in ESTIMATORS:
         raise UsageError(f"unknown estimator {config.estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
     if config.estimator == MICRO_BATCH and config.micro_batches < 2:
@@ -175,6 +193,14 @@ def run_schedule(task: Task, config: ScheduleConfig, *, device: str = "cpu") -> 
     check_config(config)
     start = time.perf_counter()
     model = init_model(task, config.seed, device)
+    coupled = coupled_layers(model)
+    least = smallest_batch(config.estimator, config.micro_batches, coupled=bool(coupled))
+    if coupled and config.estimator == MICRO_BATCH and config.floor < least:
+        name, cls = coupled[0]
+        raise UsageError(
+            f"floor {config.floor} makes micro-batches of fewer than 2 examples, which layer '{name}' "
+            f"({cls.__name__}) cannot normalise; give floor >= {least} ({config.micro_batches} micro-batches of 2)"
+        )
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     per_example = config.estimator == PER_EXAMPLE

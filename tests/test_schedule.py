@@ -7,13 +7,22 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
+from example_tasks import batchnorm_blobs
 
 from gns_sweep.errors import UsageError
-from gns_sweep.monitor import MICRO_BATCH
+from gns_sweep.monitor import MICRO_BATCH, PER_EXAMPLE
 from gns_sweep.optim import OptimizerSpec
-from gns_sweep.schedule import ScheduleConfig, choose_batch, lr_for, nearest_power_of_two, run_schedule
+from gns_sweep.schedule import (
+    ScheduleConfig,
+    choose_batch,
+    estimator_for,
+    lr_for,
+    nearest_power_of_two,
+    run_schedule,
+)
 from gns_sweep.tasks import load_task
-from gns_sweep.train import REACHED, TrainConfig, train
+from gns_sweep.train import REACHED, TrainConfig, batches, eval_loss, init_model, train
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +164,57 @@ def test_bad_settings_are_refused_in_one_line(linreg, changes, message):
     with pytest.raises(UsageError, match=message) as e:
         run_schedule(linreg, ScheduleConfig.from_task(linreg, **changes))
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def batchnorm():
+    return batchnorm_blobs()
+
+
+def test_a_batchnorm_model_is_measured_with_micro_batches(batchnorm):
+    """BatchNorm in train mode leaves no per-example gradients: a sweep measures it with micro-batches, and the
+    batch follows what they measure."""
+    assert estimator_for(init_model(batchnorm, 0)) == MICRO_BATCH
+    assert estimator_for(init_model(load_task("blobs-noisy"), 0)) == PER_EXAMPLE
+    config = ScheduleConfig.from_task(
+        batchnorm, estimator=MICRO_BATCH, floor=8, ceiling=512, target_loss=None, budget_examples=3000
+    )
+    result = run_schedule(batchnorm, config)
+    check_decisions(result, config)
+    resolved = [d for d in result.decisions if not math.isnan(d.b_noise)]
+    assert len(resolved) >= 0.5 * len(result.decisions) >= 10
+    assert len({d.batch_size for d in result.decisions}) >= 3
+    assert result.final_eval_loss < 0.9 * result.initial_eval_loss
+    with pytest.raises(UsageError, match=r"'1' \(BatchNorm1d\)"):
+        run_schedule(batchnorm, replace(config, estimator=PER_EXAMPLE))
+    with pytest.raises(UsageError, match="floor >= 8") as e:  # 4 micro-batches of 1 example
+        run_schedule(batchnorm, replace(config, floor=4))
+    assert "BatchNorm1d" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_with_micro_batches_batchnorm_normalises_each_micro_batch(batchnorm):
+    """At one batch size, the schedule's steps are a hand-written loop of 4-way gradient accumulation with plain
+    SGD, whose BatchNorm sees each micro-batch on its own -- not the whole batch's step."""
+    config = ScheduleConfig.from_task(
+        batchnorm, estimator=MICRO_BATCH, floor=16, ceiling=16, budget_examples=16 * 6, target_loss=None, seed=2
+    )
+    result = run_schedule(batchnorm, config)
+    assert result.steps == 6 and result.step_batch_sizes == (16,) * 6
+
+    def by_hand(micro: int) -> float:
+        model = init_model(batchnorm, 2)
+        order = batches(batchnorm.n_train, 16, 2)
+        lr = lr_for(16, config)
+        for _ in range(6):
+            idx = next(order)
+            model.zero_grad()
+            for part in idx.tensor_split(micro):  # micro-batches of 16 / micro examples
+                x, y = batchnorm.train_inputs[part], batchnorm.train_targets[part]
+                (batchnorm.loss(model(x), y).mean() / micro).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= lr * p.grad
+        return eval_loss(model, batchnorm)
+
+    assert result.final_eval_loss == pytest.approx(by_hand(4), rel=1e-5)
+    assert result.final_eval_loss != pytest.approx(by_hand(1), rel=1e-3)  # the whole batch normalised at once

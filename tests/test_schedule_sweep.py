@@ -70,6 +70,7 @@ def test_schedule_trials_record_their_batch_size_trajectory(scheduled):
     assert (f.examples == f.step * f.batch_size_x).all()
     settings = read_settings(scheduled / "plan.parquet")
     assert settings["schedule"] == "gns" and settings["schedule_k"] == 1.0
+    assert set(gns.schedule_estimator) == {"per-example"} and fixed.schedule_estimator.isna().all()
 
 
 @pytest.mark.slow  # a predict and a sweep with schedule trials: ~60 s on 2 busy cores
@@ -135,18 +136,40 @@ def test_compare_sets_the_schedule_beside_the_best_fixed_batch(scheduled):
     assert (scheduled / "comparison.png").stat().st_size > 10_000
 
 
-def test_a_schedule_on_a_batchnorm_model_is_refused_before_ray(tmp_path):
+def test_a_schedule_on_a_batchnorm_model_needs_room_for_its_micro_batches(tmp_path):
+    """4 micro-batches of at least 2 examples each (BatchNorm cannot normalise one): refused before Ray."""
     out = tmp_path / "bn"
-    args = ["empirical", "--task", "example_tasks:batchnorm", "--batch-sizes", "4,8", "--schedule", "gns"]
+    args = ["empirical", "--task", "example_tasks:batchnorm", "--batch-sizes", "2,4", "--schedule", "gns"]
     result = invoke(*args, "--out", str(out), "--address", "127.0.0.1:1")
     assert result.exit_code == 2, result.output
-    assert "BatchNorm1d" in result.output and "without --schedule" in result.output
+    assert "BatchNorm1d" in result.output and "at least 8" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.slow  # a sweep of 7 trials on a BatchNorm model: ~30 s on 2 busy cores
+def test_a_batchnorm_model_gets_a_micro_batch_schedule_trial(ray_address, tmp_path):
+    out = tmp_path / "bn"
+    result = invoke(
+        "empirical", "--task", "example_tasks:batchnorm_blobs", "--batch-sizes", "4,16,64,256", "--lrs", "0.5",
+        "--seeds", "1", "--budget-examples", "8192", "--target-loss", "1.0", "--schedule", "gns",
+        "--out", str(out), "--address", ray_address,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    gns = trials.loc["gns-s0"]
+    assert gns.schedule == "gns" and gns.schedule_estimator == "micro-batch" and gns.status != "failed", gns.error
+    assert trials[trials.schedule == "fixed"].schedule_estimator.isna().all()
+    c = pd.read_parquet(out / "curves.parquet").query("trial_id == 'gns-s0'").sort_values("step")
+    sizes = c.batch_size.to_numpy()
+    assert sizes[0] == 8 and ((sizes >= 8) & (sizes <= 256)).all()  # the floor: 4 micro-batches of 2
+    assert len(set(sizes)) >= 2 and c.eval_loss.iloc[-1] < c.eval_loss.iloc[0]
+    plan = pd.read_parquet(out / "plan.parquet").set_index("trial_id")
+    assert plan.loc["gns-s0"].batch_size == 8
 
 
 def test_a_trial_file_from_before_the_per_point_columns_reads_as_a_fixed_trial(tmp_path):
     sweep = SweepDir(tmp_path / "old")
-    old = [f for f in TRIALS_SCHEMA if f.name != "schedule"]
+    old = [f for f in TRIALS_SCHEMA if f.name not in ("schedule", "schedule_estimator")]
     given = {"trial_id": "b8-lr0.1-s0", "task": "t", "batch_size": 8, "lr": 0.1, "seed": 0, "status": "reached"}
     row = {f.name: None for f in old} | given | {"curve_steps": [0, 2, 5], "curve_losses": [1.0, 0.8, 0.5]}
     schema = pa.schema(
@@ -156,6 +179,7 @@ def test_a_trial_file_from_before_the_per_point_columns_reads_as_a_fixed_trial(t
     pq.write_table(pa.Table.from_pylist([row], schema=schema), sweep.trial(row["trial_id"]))
     trials = sweep.consolidate([row["trial_id"]], {"command": "empirical"})
     assert trials.column("schedule").to_pylist() == [None]  # compare reads it as fixed
+    assert trials.column("schedule_estimator").to_pylist() == [None]
     curves = pd.read_parquet(sweep.curves)
     assert list(curves.examples) == [0, 16, 40] and set(curves.batch_size) == {8} and set(curves.lr) == {0.1}
     assert [p["examples"] for p in curve_rows(row)] == [0, 16, 40]

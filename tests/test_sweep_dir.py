@@ -23,6 +23,7 @@ def trial(b: int, lr: float, seed: int, status: str = "budget", curve: tuple = (
         "trial_id": f"b{b}-lr{lr:g}-s{seed}",
         "task": "t",
         "schedule": "fixed",
+        "schedule_estimator": None,
         "batch_size": b,
         "lr": lr,
         "optimizer": "sgd",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gns_sweep import __version__
+from gns_sweep.monitor import PER_EXAMPLE
 from gns_sweep.optim import OptimizerSpec
 from gns_sweep.runtime import DEFAULT_MAX_RETRIES
 
@@ -42,6 +43,7 @@ class ScheduleSpec:
     ceiling: int  # the grid's largest batch size
     k: float  # the batch is the power of two nearest k * B_noise
     lr_max: float | None  # the sweep's cap on the centre lr (None: no cap, as with --lrs)
+    estimator: str = PER_EXAMPLE  # the monitor's: micro-batch for a model whose layers couple examples
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ import math
 from dataclasses import dataclass
 
 from gns_sweep.empirical.config import GNS, EmpiricalConfig, Plan, ScheduleSpec, TrialSpec, schedule_trial_id, trial_id
+from gns_sweep.monitor import PER_EXAMPLE
 from gns_sweep.optim import SQRT, OptimizerSpec
+from gns_sweep.schedule import ScheduleConfig, estimator_for, smallest_batch
 from gns_sweep.tasks import Task
-from gns_sweep.train import DIVERGED, TrainConfig, reference_lr, train
+from gns_sweep.train import DIVERGED, TrainConfig, init_model, reference_lr, train
 
 LR_POINTS = 5  # default lr grid: this many points ...
 LR_FACTOR = 2.0  # ... a factor this apart
@@ -196,8 +198,14 @@ def schedule_trials(
     cap: float | None,
 ) -> tuple[TrialSpec, ...]:
     """One adaptive-batch trial per seed, between the grid's ends, at the lr the grid is centred on (the
-    optimizer's lr at the task's batch size, scaled by its rule and capped where the grid's centre is)."""
+    optimizer's lr at the task's batch size, scaled by its rule and capped where the grid's centre is); measured
+    with micro-batches where the model couples examples (schedule.estimator_for)."""
     lr = reference_lr(task, optimizer).lr if base is None else base
-    floor = max(2, min(sizes))  # validate made sure the grid reaches it
-    spec = ScheduleSpec(base_batch=task.batch_size, floor=floor, ceiling=max(sizes), k=config.schedule_k, lr_max=cap)
+    estimator = estimator_for(init_model(task, seed=0))
+    least = smallest_batch(estimator, ScheduleConfig.micro_batches, coupled=estimator != PER_EXAMPLE)
+    floor = max(least, min(sizes))  # validate made sure the grid reaches it
+    spec = ScheduleSpec(
+        base_batch=task.batch_size, floor=floor, ceiling=max(sizes), k=config.schedule_k, lr_max=cap,
+        estimator=estimator,
+    )  # fmt: skip
     return tuple(TrialSpec(schedule_trial_id(s), floor, lr, s, schedule=spec) for s in seeds)

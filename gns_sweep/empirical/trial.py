@@ -25,6 +25,7 @@ class TrialRecord:
     trial_id: str
     task: str
     schedule: str  # "fixed", or "gns": the batch size followed the noise scale (TrialSpec.kind)
+    schedule_estimator: str | None  # a schedule trial's noise-scale estimator (per-example, micro-batch); None: fixed
     batch_size: int  # a schedule trial's: that of its last step
     lr: float  # a schedule trial's: that of its last step
     optimizer: str  # the optimizer's name
@@ -101,6 +102,7 @@ def _record(
         trial_id=trial.trial_id,
         task=task.name,
         schedule=trial.kind,
+        schedule_estimator=_estimator(trial),
         **optimizer_columns(optimizer),
         seed=trial.seed,
         status=r.status,
@@ -146,6 +148,7 @@ def _run_schedule_trial(
         k=spec.k,
         lr_max=spec.lr_max,
         optimizer=optimizer,
+        estimator=spec.estimator,
     )
     r = run_schedule(task, config, device=worker.device)
     return _record(
@@ -160,6 +163,11 @@ def _run_schedule_trial(
         curve_examples=r.curve_examples,
         curve_lrs=r.curve_lrs,
     )  # fmt: skip
+
+
+def _estimator(trial: TrialSpec) -> str | None:
+    """trials.parquet's schedule_estimator: the schedule's, None for a fixed trial."""
+    return None if trial.schedule is None else trial.schedule.estimator
 
 
 def run_trial_file(
@@ -203,6 +211,7 @@ def failed_record(
         trial_id=trial.trial_id,
         task=task,
         schedule=trial.kind,
+        schedule_estimator=_estimator(trial),
         batch_size=trial.batch_size,
         lr=trial.lr,
         **optimizer_columns(optimizer),

@@ -6,8 +6,10 @@ import math
 
 from gns_sweep.empirical.config import SCHEDULES, EmpiricalConfig
 from gns_sweep.errors import UsageError
+from gns_sweep.monitor import MICRO_BATCH
 from gns_sweep.optim import OptimizerSpec
 from gns_sweep.per_example import coupled_layers
+from gns_sweep.schedule import ScheduleConfig, smallest_batch
 from gns_sweep.tasks import Task, check_trainable
 from gns_sweep.train import init_model
 
@@ -64,10 +66,11 @@ def validate(config: EmpiricalConfig, task: Task) -> None:
     model = init_model(task, seed=0)
     check_trainable(task, model)  # before the plan's stability probe trains it
     coupled = coupled_layers(model)
-    if config.schedule != SCHEDULES[0] and coupled:
+    least = smallest_batch(MICRO_BATCH, ScheduleConfig.micro_batches, coupled=True)
+    if config.schedule != SCHEDULES[0] and coupled and max(sizes) < least:
         name, cls = coupled[0]
         raise UsageError(
-            f"--schedule {config.schedule} measures per-example gradients, which layer '{name}' ({cls.__name__}) "
-            f"of task '{task.name}' makes undefined by coupling the examples of a batch; run the sweep without "
-            "--schedule for this model"
+            f"--schedule {config.schedule} measures task '{task.name}', whose layer '{name}' ({cls.__name__}) couples "
+            f"the examples of a batch, with {ScheduleConfig.micro_batches} micro-batches of at least 2 examples; "
+            f"add a batch size of at least {least} to --batch-sizes"
         )

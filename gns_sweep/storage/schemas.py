@@ -61,6 +61,9 @@ TRIALS_SCHEMA = pa.schema(
         ("trial_id", pa.string()),  # b<batch>-lr<lr>-s<seed> (gns-s<seed>), the same in every run of this plan
         ("task", pa.string()),
         ("schedule", pa.string()),  # "fixed", or "gns": the batch follows the noise scale (null in a file from before)
+        # a schedule trial's noise-scale estimator: per-example, or micro-batch (a model whose layers couple
+        # examples); null for a fixed trial and in a file from before the column
+        ("schedule_estimator", pa.string()),
         ("batch_size", pa.int64()),  # examples per step; a schedule trial's: that of its last step
         ("lr", pa.float64()),  # constant learning rate; a schedule trial's: that of its last step
         ("optimizer", pa.string()),  # sgd, momentum, adam, adamw or lars (null in a file from before: sgd)
@@ -101,7 +104,11 @@ PREDICT_OPTIMIZER_COLUMNS = frozenset(
 )
 
 # Columns added after files were first written: a file without one reads as nulls there (schedule: "fixed").
-LATER_COLUMNS = frozenset({"error", "node_ids", "schedule"}) | PREDICT_OPTIMIZER_COLUMNS | TRIAL_OPTIMIZER_COLUMNS
+LATER_COLUMNS = (
+    frozenset({"error", "node_ids", "schedule", "schedule_estimator"})
+    | PREDICT_OPTIMIZER_COLUMNS
+    | TRIAL_OPTIMIZER_COLUMNS
+)
 
 # A trial's own file: its row plus its eval curve, so one atomic write holds both; one entry per evaluation.
 TRIAL_CURVE_FIELDS = (
