@@ -41,7 +41,7 @@ CONSTANT = "constant"  # the same lr at every batch size
 LR_RULES = (LINEAR, SQRT, CONSTANT)  # lr proportional to the batch (SGD), to its square root (Adam), or fixed
 ESTIMATORS = (PER_EXAMPLE, MICRO_BATCH)
 # The monitor's EMA over about 1 / (1 - 0.8) = 5 steps, against its default of 20: B_noise grows over a run, and the
-# built-in tasks reach their targets in 50-200 steps, where a 20-step window lags behind it (docs/monitor.md).
+# built-in tasks reach their targets in 50-200 steps, where a 20-step window lags behind it (docs/schedule.md).
 SCHEDULE_BETA = 0.8
 
 
