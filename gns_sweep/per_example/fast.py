@@ -109,6 +109,7 @@ class _Use:
     scratch: Scratch  # the engine's reusable buffer for the rule's largest intermediate
     version: int  # x's version counter at call time: an in-place change after the call means the rule would
     # read another input than the layer's (None-input calls and inference tensors: 0)
+    readable: bool  # what the call's forward saved for backward may be read by the rule too (_saved_readable)
     names: tuple[str, ...] = ()  # parameters whose statistics the hook computes (single-use ones)
     param_moments: bool = False
     keep_grad: bool = False  # keep the output gradient for the multi-use path
@@ -123,7 +124,7 @@ class _Use:
         if self.x.dtype != grad.dtype or grad.dtype == torch.float16:
             self.x, grad = _common_dtype(self.x, grad)
         if self.names:
-            call = Call(self.x, grad, self.scratch)
+            call = Call(self.x, grad, self.scratch, self.edge.node if self.readable else None)
             self.stats = self.site.rule.stats(self.site.module, call, self.names, param_moments=self.param_moments)
         if self.keep_grad:
             self.grad = grad
@@ -293,7 +294,7 @@ def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
                 base if base is not None and base.grad_fn is not None and base.numel() == output.numel() else output
             )
             node, version = (None, 0) if x is None else (x.grad_fn, 0 if x.is_inference() else x._version)
-            use = _Use(site, x, node, get_gradient_edge(target), output.shape, scratch, version)
+            use = _Use(site, x, node, get_gradient_edge(target), output.shape, scratch, version, _saved_readable())
             calls.append(use)
             # registered now, before any in-place op on the output, so it sees the output's own gradient
             handles.append(target.register_hook(use.on_grad))
@@ -325,6 +326,14 @@ def _recording(sites: list[_Site], calls: list[_Use], scratch: Scratch):
 
 
 _ACCUMULATE = torch._C._functions.AccumulateGrad  # the node type that puts a gradient into a leaf's .grad
+_TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_readable() -> bool:
+    """Whether tensors saved for backward at this point of the forward can be read by a rule as well as by
+    their node: no saved-tensor hooks are active (activation checkpointing's unpack each tensor once and then
+    raise). Unknown, where torch has no way to ask: no."""
+    return _TOP_SAVED_HOOKS is not None and _TOP_SAVED_HOOKS(False) is None
 
 
 def _walk(root) -> tuple[dict[int, int], set]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import gns_sweep.per_example.rules.norm as norm_rules
 import gns_sweep.per_example.rules.outer as outer
 from gns_sweep.per_example.rules import find_rule
 from gns_sweep.per_example.rules.base import Scratch
@@ -208,6 +210,53 @@ def test_layer_norm_inside_activation_checkpointing(fallback_names):
     check(f64(Checkpointed()), torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 3, dtype=torch.float64),
           half_sq)  # fmt: skip
     assert fallback_names == []
+
+
+class _CountLayerNorm:
+    """torch.nn.functional as the LayerNorm rule sees it, counting its layer_norm calls (the model's own
+    forward reads torch's module, not this one)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    def layer_norm(self, *args, **kwargs):
+        self.calls += 1
+        return F.layer_norm(*args, **kwargs)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_layer_norm_reads_the_forwards_statistics_unless_hooked(checkpointed, fallback_names, monkeypatch):
+    """x_hat from the mean and 1/std the forward saved, or recomputed where saved-tensor hooks (activation
+    checkpointing's) were active: both against the loop."""
+    counted = _CountLayerNorm()
+    monkeypatch.setattr(norm_rules, "F", counted)
+    torch.manual_seed(0)
+    model = f64(Checkpointed()) if checkpointed else seq_model(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out = 3 if checkpointed else 6
+    check(model, torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, out, dtype=torch.float64), half_sq)
+    assert fallback_names == []
+    assert (counted.calls > 0) == checkpointed
+
+
+def test_layer_norm_saved_statistics_of_another_input_are_not_used(monkeypatch):
+    """A node whose saved input is not the call's x (a cast under autocast, say) gives no x_hat of x."""
+    counted = _CountLayerNorm()
+    monkeypatch.setattr(norm_rules, "F", counted)
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(6).double()
+    x, other = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    node = ln(other.requires_grad_()).grad_fn
+    rule = find_rule(ln)
+    torch.testing.assert_close(rule.normalised(ln, other.detach(), node), F.layer_norm(other.detach(), (6,)))
+    assert counted.calls == 0  # read off the node
+    torch.testing.assert_close(rule.normalised(ln, x, node), F.layer_norm(x, (6,)))
+    assert counted.calls == 1  # recomputed
 
 
 def test_layer_norm_called_twice(fallback_names):

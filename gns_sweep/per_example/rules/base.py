@@ -43,6 +43,8 @@ class Call:
     x: torch.Tensor  # the call's input, (B, ...)
     grad: torch.Tensor  # d(sum of losses)/d(output), same shape as the output, (B, ...)
     scratch: Scratch | None = None  # the engine's reusable buffer, if it has one
+    node: object = None  # autograd node that made the output (or the base of a reshaped one), given only where
+    # the tensors it saved may be read again: no saved-tensor hooks (activation checkpointing) at the forward
 
     def rows(self, start: int, stop: int) -> Call:
         return Call(self.x[start:stop], self.grad[start:stop], self.scratch)

@@ -36,13 +36,16 @@ class LinearRule(Rule):
                 out["bias"] = ParamStats(d.sum(0), d_norms, None)
             return out
         a, dd = _positions(x, d)
+        if "bias" in names:  # first, while d is still in cache from the op that made it
+            s = dd.sum(1)  # (B, out) per-example bias gradients
+            if param_moments:
+                s2 = s.square()
+                out["bias"] = ParamStats(s.sum(0), s2.sum(1), s2.sum(0))
+            else:
+                out["bias"] = ParamStats(s.sum(0), torch.linalg.vector_norm(s, dim=1).square_(), None)
         if "weight" in names:
             total, sq, sq_sum = outer_stats(a[:, None], dd[:, None], param_moments=param_moments, empty=call.empty)
             out["weight"] = ParamStats(total[0], sq, None if sq_sum is None else sq_sum[0])
-        if "bias" in names:
-            s = dd.sum(1)  # (B, out) per-example bias gradients
-            s2 = s.square()
-            out["bias"] = ParamStats(s.sum(0), s2.sum(1), s2.sum(0) if param_moments else None)
         return out
 
     def grads(self, module, call: Call, names) -> dict[str, torch.Tensor]:

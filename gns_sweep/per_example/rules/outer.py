@@ -74,6 +74,10 @@ def _materialised_stats(a: torch.Tensor, d: torch.Tensor, *, param_moments: bool
     b, c, t, k = a.shape
     m = d.shape[-1]
     a3, d3 = a.reshape(b * c, t, k), d.reshape(b * c, t, m).transpose(1, 2)  # (B*C, T, K), (B*C, M, T)
+    if 0 < b * c * m * k * a.element_size() <= CHUNK_BYTES and not param_moments:
+        # one chunk: the loop's bookkeeping is a dozen small torch calls, a sizeable part of a narrow layer's time
+        g = torch.bmm(d3, a3, out=empty((b * c, m, k), a))  # (B*C, M, K)
+        return g.view(b, c, m, k).sum(0), torch.linalg.vector_norm(g.view(b, -1), dim=1).square_(), None
     total = sq_sum = None
     norms = a.new_empty(b)
     for s, e in chunks(b, c * m * k * a.element_size()):
