@@ -4,6 +4,7 @@
     python benchmarks/per_example.py --json   # {workload: {method: {"ms", "ratio", "peak_mb", "batch"}}}
     python benchmarks/per_example.py --workloads tinygpt --runs 3 --no-memory   # one workload, timed 3 times
     python benchmarks/per_example.py --workloads tinygpt --batch 256             # at predict's --max-batch
+    python benchmarks/per_example.py --workloads tinygpt --threads 1             # as monitor_overhead.py times
 
 norms and moments time the fast engine's call, which ends at BatchSums: the
 sum of the per-example gradients (what .grad holds after a plain step), the
@@ -46,7 +47,7 @@ reported as norms' and moments' "hooks_ms" and "hooks_floor_ratio" = hooks_ms /
 plain ms.
 
 Time: median wall time of repeats after warm-up, all methods in this process
-(torch's default threads). plain, norms and moments are timed in interleaved
+(torch's default threads, or `--threads N`). plain, norms and moments are timed in interleaved
 rounds (one call of each per round), so drift in machine load hits all three
 alike; the slow torch_func and loop get fewer repeats afterwards (see REPEATS).
 On `mlp` these two materialise (B, 670k) gradients and are measured at batch 64
@@ -401,8 +402,11 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     parser.add_argument("--runs", type=int, default=1, help="time the fast methods this many times over")
     parser.add_argument("--batch", type=int, default=None, help="examples per call instead of each workload's own")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--peak-child", nargs=2, metavar=("WORKLOAD", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     chosen = [args.peak_child[0]] if args.peak_child else args.workloads.split(",")
     if args.batch is not None:
         for name in set(chosen) & set(WORKLOADS):
