@@ -105,6 +105,8 @@ def render_folders(dirs: list[Path], cs: tuple[Comparison, ...]) -> None:
             out.print(f"[bold yellow]warning[/] ({d}): {w}")
         for note in c.main.notes:
             out.print(f"note ({d}): {note}")
+        if c.reading:
+            out.print(f"note ({d}): {c.reading}")
         out.print(f"{d}: ", end="")
         render_verdict(c)
 
@@ -141,6 +143,7 @@ def summary(c: Comparison) -> dict:
         "predict_optimizer": c.predict_optimizer,
         "prediction": c.prediction,
         "warnings": list(c.warnings),
+        "reading": c.reading,
         "schedule": json_ready(schedule_rows(c)),
     }
 
@@ -151,6 +154,8 @@ def render(c: Comparison) -> None:
     render_frontier(c)
     render_ladder(c)
     render_verdict(c)
+    if c.reading:
+        out.print(f"note: {c.reading}")
     render_schedule(c)
     for note in c.main.notes:
         out.print(f"note: {note}")

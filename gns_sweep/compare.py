@@ -95,6 +95,7 @@ class Comparison:
     predict_optimizer: str = SGD  # predict's reference run's
     prediction: str = PLAIN  # which noise scale the ratios use: PLAIN or PRECOND
     warnings: tuple[str, ...] = ()  # the optimizers of the sweep and of predict differ
+    reading: str | None = None  # how to read the ratio for the sweep's optimizer (optimizer_reading)
     schedule: tuple[ScheduleVsFixed, ...] = ()  # per (target, seed), easiest target first; () without schedule trials
 
     @property
@@ -186,6 +187,7 @@ def compare(
         predict_optimizer=predicted,
         prediction=prediction,
         warnings=warnings,
+        reading=optimizer_reading(swept),
         schedule=tuple(
             row
             for t in at
@@ -327,6 +329,22 @@ def matching_prediction(swept: str, predicted: str, *, has_precond: bool) -> tup
             f"along another optimizer's path; {rerun}",
         )
     return PLAIN, ()
+
+
+def optimizer_reading(swept: str) -> str | None:
+    """What the sweep's optimizer does to the ratio, where B_simple is known to miss it (docs/optimizers.md)."""
+    if swept == "momentum":
+        return (
+            "momentum can reach a target in fewer steps at large batches where curvature, not noise, limits them, "
+            "which raises B_crit and which B_simple does not see: read B_simple as a lower estimate "
+            "(docs/optimizers.md, Momentum and the comparison)"
+        )
+    if swept == "lars":
+        return (
+            "LARS rescales each layer's step by trust * |w| / |g|, which B_simple does not describe; no matching "
+            "prediction is claimed for it (docs/optimizers.md)"
+        )
+    return None
 
 
 def _chosen(targets: Sequence[float], own: float) -> ld.Ladder:

@@ -7,6 +7,7 @@ import os
 
 import pandas as pd
 import pytest
+from gns_sweep_cli.compare import summary
 from gns_sweep_cli.main import app
 from typer.testing import CliRunner
 
@@ -308,6 +309,19 @@ def test_several_folders_input_errors(swept, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing written
+
+
+def test_momentum_and_lars_sweeps_say_how_to_read_the_ratio():
+    """B_simple is a lower estimate for momentum and no prediction for LARS (docs/optimizers.md): compare says so
+    for those sweeps (in the --json summary too), and for no other."""
+    for name, phrase in (("momentum", "lower estimate"), ("lars", "no matching prediction")):
+        trials, curves = sgd_like_sweep(name)
+        c = compare(trials, curves, predict_rows(name, precond=False), resamples=20)
+        assert c.warnings == () and phrase in c.reading
+        assert summary(c)["reading"] == c.reading
+    for name in ("sgd", "adam"):
+        trials, curves = sgd_like_sweep(name)
+        assert compare(trials, curves, predict_rows(name, precond=name == "adam"), resamples=20).reading is None
 
 
 def test_compare_knows_the_adaptive_optimizers_without_importing_torch():
